@@ -1,0 +1,1 @@
+"""Raw-corpus readers, stage entry points, the workflow and the `omni` CLI."""

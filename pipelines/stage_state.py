@@ -1,0 +1,71 @@
+"""Stage completion markers and the quarantine table, shared by every stage.
+
+A stage is done when ``<stage dir>/_SUCCESS.json`` exists; it is written last, and it
+carries the fingerprint of the config and inputs that produced the stage's output.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from infra.storage import Storage, join
+
+SUCCESS = "_SUCCESS.json"
+RUNNING = "_RUNNING.json"
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("native_id", pa.string()),
+        ("source", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+
+def read_marker(storage: Storage, stage_dir: str, name: str) -> dict[str, Any] | None:
+    """The parsed marker file, or None if it does not exist."""
+    uri = join(stage_dir, name)
+    if not storage.exists(uri):
+        return None
+    return json.loads(storage.read_bytes(uri))
+
+
+def write_marker(storage: Storage, stage_dir: str, name: str, payload: dict[str, Any]) -> None:
+    storage.write_bytes(join(stage_dir, name), json.dumps(payload, indent=2).encode())
+
+
+def success_payload(stage: str, fingerprint: str, started: float, **counts: Any) -> dict:
+    """The ``_SUCCESS.json`` content: what ran, on which fingerprint, when, with what result."""
+    return {
+        "stage": stage,
+        "fingerprint": fingerprint,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.time() - started, 3),
+        **counts,
+    }
+
+
+def quarantine_table(rows: list[dict[str, str]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA)
+
+
+def parquet_bytes(table: pa.Table, **options: Any) -> bytes:
+    """Serialise a table to Parquet in memory, for an atomic write through Storage."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, **options)
+    return buffer.getvalue()
+
+
+def read_parquet(storage: Storage, uri: str, columns: list[str] | None = None) -> pa.Table:
+    with storage.open(uri, "rb") as handle:
+        return pq.read_table(handle, columns=columns)

@@ -1,0 +1,1 @@
+"""Tokenizers: unified vocabulary, BPE text, image/video/audio VQ tokenizers (issue 3)."""

@@ -1,0 +1,1 @@
+"""DFM model, probability paths, samplers and the trainer loop (issue 5)."""
