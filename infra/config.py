@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
 
+# PyYAML follows YAML 1.1, where "3e-4" is a string; people type it meaning a float.
+_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
 
 
@@ -58,6 +60,8 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+        value = float(value)
     return keys, value
 
 

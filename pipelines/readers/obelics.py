@@ -27,8 +27,9 @@ class ObelicsReader:
         self, storage: Storage, uri: str, namespace: str, media_root: str, options: SplitOptions
     ) -> list[Split]:
         with storage.open(uri, "rb") as handle:
-            metadata = pq.ParquetFile(handle).metadata
-            names = set(metadata.schema.names)
+            parquet = pq.ParquetFile(handle)
+            metadata = parquet.metadata
+            names = set(parquet.schema_arrow.names)
             missing = [c for c in REQUIRED_COLUMNS if c not in names]
             if missing:
                 raise ValueError(f"{uri}: not an OBELICS file, missing column(s) {missing}")

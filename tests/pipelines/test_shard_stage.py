@@ -1,0 +1,231 @@
+"""``omni shard`` end to end on a real local Ray instance (and a real moto S3 server)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from infra.services import MotoServer
+from infra.storage import StorageError
+from pipelines import shard
+from tests import builders
+from tests.conftest import pipeline_config
+
+pytestmark = pytest.mark.integration
+
+
+def shard_rows(stage_dir: Path) -> list[dict]:
+    """Every document row of every part file, in shard order."""
+    rows = []
+    for part in sorted(stage_dir.glob("part-*.parquet")):
+        rows += pq.read_table(part).to_pylist()
+    return rows
+
+
+def quarantine_reasons(stage_dir: Path) -> Counter:
+    return Counter(pq.read_table(stage_dir / "quarantine.parquet")["reason"].to_pylist())
+
+
+def test_sample_corpus_is_sharded_completely_and_balanced(
+    ray_cluster: None, sample_corpus: Path, tmp_path: Path
+) -> None:
+    config = pipeline_config(tmp_path / "ws", [{"uri": str(sample_corpus / "docs.jsonl"),
+                                                "format": "jsonl"}])  # fmt: skip
+    report = shard.run(config)
+    stage_dir = tmp_path / "ws" / "shards"
+
+    native_ids = [json.loads(line)["id"] for line in (sample_corpus / "docs.jsonl").open()]
+    rows = shard_rows(stage_dir)
+    assert sorted(r["native_id"] for r in rows) == sorted(native_ids)
+    assert len({r["id"] for r in rows}) == len(rows) == report.documents_out == 374
+    assert report.quarantined == {} and report.documents_in == 374
+    assert report.signatures == {"audio+text": 16, "image+text": 52, "text": 300, "text+video": 6}
+
+    astronaut = next(r for r in rows if r["native_id"] == "imgcap-astronaut")
+    image = next(s for s in astronaut["segments"] if s["type"] == "image")
+    assert image["bytes"] == (sample_corpus / "media/images/astronaut.jpg").read_bytes()
+    assert (image["width"], image["height"], image["ext"]) == (384, 384, "jpg")
+    assert json.loads(astronaut["metadata"])["license"] == "Public domain (NASA)"
+
+    manifest = pq.read_table(stage_dir / "manifest.parquet").to_pylist()
+    assert len(manifest) == report.shards >= 5
+    for entry in manifest:
+        data = (stage_dir / entry["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+        assert len(data) == entry["bytes"]
+        assert pq.read_metadata(stage_dir / entry["path"]).num_rows == entry["documents"]
+    tokens = [entry["est_tokens"] for entry in manifest]
+    largest_document = max(r["est_tokens"] for r in rows)
+    mean = sum(tokens) / len(tokens)
+    assert all(abs(t - mean) <= largest_document for t in tokens), tokens  # no greedy runt
+
+    success = json.loads((stage_dir / "_SUCCESS.json").read_text())
+    assert success["stage"] == "shard" and success["documents_out"] == 374
+    assert not (stage_dir / "_staging").exists() and not (stage_dir / "_RUNNING.json").exists()
+
+    again = shard.run(config)
+    assert again.skipped and again.documents_out == 374
+    assert "nothing to do" in again.notes[0]
+
+    changed = pipeline_config(tmp_path / "ws", config.corpus.model_dump()["inputs"],
+                              shard={"target_tokens": 100_000})  # fmt: skip
+    rebuilt = shard.run(changed)
+    assert not rebuilt.skipped and rebuilt.shards == 1 and "rebuilt" in rebuilt.notes[0]
+    assert len(list(stage_dir.glob("part-*.parquet"))) == 1  # stale parts are gone
+
+
+def _bad_corpus(root: Path, sample_corpus: Path) -> list[dict]:
+    """A JSONL corpus with one document per failure mode, plus two good ones."""
+    media = root / "media"
+    shutil.copytree(sample_corpus / "media", media)
+    jpg = (media / "images/chelsea.jpg").read_bytes()
+    (media / "broken.jpg").write_bytes(builders.corrupt_jpeg(jpg))
+    (media / "bomb.png").write_bytes(builders.png_bomb_header())
+    (media / "broken.wav").write_bytes(builders.truncated_wav((media / "audio/cards_001.wav")
+                                                             .read_bytes()))  # fmt: skip
+    (media / "silent-empty.wav").write_bytes(builders.empty_wav())
+    (media / "broken.mp4").write_bytes(builders.truncated_mp4((media / "video/bikes.mp4")
+                                                             .read_bytes()))  # fmt: skip
+    (root.parent / "outside.jpg").write_bytes(jpg)
+
+    def doc(doc_id: str, *segments: dict) -> dict:
+        return {"id": doc_id, "segments": list(segments)}
+
+    text = {"type": "text", "text": "a caption"}
+    return [
+        doc("good-image", {"type": "image", "path": "media/images/chelsea.jpg"}, text),
+        doc("good-text", text),
+        doc("corrupt-image", {"type": "image", "path": "media/broken.jpg"}, text),
+        doc("bomb", {"type": "image", "path": "media/bomb.png"}, text),
+        doc("corrupt-audio", {"type": "audio", "path": "media/broken.wav"}, text),
+        doc("empty-audio", {"type": "audio", "path": "media/silent-empty.wav"}, text),
+        doc("corrupt-video", {"type": "video", "path": "media/broken.mp4"}, text),
+        doc("escape-dotdot", {"type": "image", "path": "../outside.jpg"}, text),
+        doc("escape-absolute", {"type": "image", "path": str(root.parent / "outside.jpg")}),
+        doc("missing-media", {"type": "image", "path": "media/nope.jpg"}, text),
+        doc("no-segments"),
+        doc("unknown-type", {"type": "smell", "text": "?"}),
+        doc("good-image", text),  # duplicate id
+    ]
+
+
+def test_bad_inputs_are_quarantined_with_reasons_and_the_stage_finishes(
+    ray_cluster: None, sample_corpus: Path, tmp_path: Path
+) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    docs_path = corpus / "docs.jsonl"
+    builders.write_jsonl(docs_path, _bad_corpus(corpus, sample_corpus))
+    with docs_path.open("ab") as handle:
+        handle.write(b"{broken json\n")
+        handle.write(b'{"id": "surrogate", "segments": [{"type": "text", "text": "a \\ud800"}]}\n')
+        handle.write(b'{"id": "latin-1", "segments": [{"type": "text", "text": "caf\xe9"}]}\n')
+    tar = tmp_path / "laion" / "00000.tar"
+    tar.parent.mkdir()
+    keys = builders.build_webdataset_tar(sample_corpus, tar)
+    builders.add_tar_member(tar, "../../escape.txt", b"hello")
+    obelics = tmp_path / "obelics" / "part.parquet"
+    obelics.parent.mkdir()
+    obelics_ids = builders.build_obelics_parquet(sample_corpus, obelics, n_docs=10)
+
+    config = pipeline_config(tmp_path / "ws", [
+        {"uri": str(docs_path), "format": "jsonl"},
+        {"uri": str(tmp_path / "laion" / "{00000..00000}.tar"), "format": "webdataset"},
+        {"uri": str(tmp_path / "obelics" / "*.parquet"), "format": "obelics"},
+    ], shard={"jsonl_split_bytes": 256})  # fmt: skip
+    report = shard.run(config)
+    stage_dir = tmp_path / "ws" / "shards"
+
+    expected = {
+        "image_decode_error": 1, "image_too_large": 1, "audio_decode_error": 1,
+        "empty_media": 1, "video_decode_error": 1, "media_path_escapes_root": 2,
+        "media_missing": 1, "no_segments": 1, "bad_segment": 1, "invalid_utf8": 2,
+        "duplicate_id": 1, "malformed_json": 1, "unsafe_tar_member": 1,
+    }  # fmt: skip
+    assert report.quarantined == expected
+    assert quarantine_reasons(stage_dir) == expected
+    quarantine = pq.read_table(stage_dir / "quarantine.parquet").to_pylist()
+    assert all(q["stage"] == "shard" and q["source"] and q["detail"] for q in quarantine)
+    bomb = next(q for q in quarantine if q["native_id"] == "bomb")
+    assert "100000x100000" in bomb["detail"] and bomb["source"].startswith(str(docs_path))
+
+    rows = shard_rows(stage_dir)
+    accepted = Counter(r["native_id"] for r in rows)
+    assert accepted["good-image"] == 1 and accepted["good-text"] == 1
+    assert set(keys) <= set(accepted) and set(obelics_ids) <= set(accepted)
+    assert report.documents_out == len(rows) == 2 + len(keys) + len(obelics_ids)
+    assert report.documents_in == report.documents_out + sum(expected.values())
+
+
+def test_missing_input_fails_fast_naming_the_field(ray_cluster: None, tmp_path: Path) -> None:
+    config = pipeline_config(tmp_path / "ws", [
+        {"uri": str(tmp_path / "exists.jsonl"), "format": "jsonl"},
+        {"uri": str(tmp_path / "raw" / "*.tar"), "format": "webdataset"},
+    ])  # fmt: skip
+    (tmp_path / "exists.jsonl").write_text("")
+    with pytest.raises(FileNotFoundError, match=r"corpus\.inputs\[1\]\.uri: no such file"):
+        shard.run(config)
+    assert not (tmp_path / "ws" / "shards").exists()
+
+
+def _upload(moto_server: MotoServer, bucket: str, sample_corpus: Path) -> None:
+    moto_server.create_bucket(bucket)
+    client = moto_server.s3_client()
+    for path in sorted(sample_corpus.rglob("*")):
+        if path.is_file():
+            key = f"raw/corpus/{path.relative_to(sample_corpus)}"
+            client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+
+
+def test_s3_input_and_s3_workspace_give_the_same_documents_as_local(
+    ray_cluster: None, moto_server: MotoServer, s3_env: str, sample_corpus: Path, tmp_path: Path
+) -> None:
+    _upload(moto_server, "shard-s3", sample_corpus)
+    obelics = tmp_path / "obelics.parquet"
+    builders.build_obelics_parquet(sample_corpus, obelics, n_docs=6)
+    moto_server.s3_client().put_object(
+        Bucket="shard-s3", Key="raw/obelics/a.parquet", Body=obelics.read_bytes()
+    )
+    storage = {"s3": {"endpoint_url": s3_env}}
+    remote = pipeline_config("s3://shard-s3/ws", [
+        {"uri": "s3://shard-s3/raw/corpus/docs.jsonl", "format": "jsonl"},
+        {"uri": "s3://shard-s3/raw/obelics/*.parquet", "format": "obelics"},
+    ], storage=storage)  # fmt: skip
+    report = shard.run(remote)
+    assert report.documents_out == 374 + 6 and report.quarantined == {}
+
+    client = moto_server.s3_client()
+    listed = client.list_objects_v2(Bucket="shard-s3", Prefix="ws/shards/")["Contents"]
+    names = sorted(item["Key"].rsplit("/", 1)[1] for item in listed)
+    assert names == sorted(
+        ["_SUCCESS.json", "manifest.parquet", "quarantine.parquet"]
+        + [f"part-{i:05d}.parquet" for i in range(report.shards)]
+    )
+    remote_ids = set()
+    for name in names:
+        if name.startswith("part-"):
+            body = client.get_object(Bucket="shard-s3", Key=f"ws/shards/{name}")["Body"].read()
+            local_copy = tmp_path / name
+            local_copy.write_bytes(body)
+            remote_ids |= set(pq.read_table(local_copy, columns=["id"])["id"].to_pylist())
+
+    local = pipeline_config(tmp_path / "ws", [{"uri": str(sample_corpus / "docs.jsonl"),
+                                               "format": "jsonl"}])  # fmt: skip
+    shard.run(local)
+    local_ids = {r["id"] for r in shard_rows(tmp_path / "ws" / "shards")}
+    assert local_ids < remote_ids  # same corpus name, same stable ids, wherever it is stored
+    assert shard.run(remote).skipped
+
+
+def test_unreachable_s3_endpoint_fails_fast(ray_cluster: None, s3_env: str, tmp_path: Path) -> None:
+    config = pipeline_config(tmp_path / "ws", [{"uri": "s3://b/docs.jsonl", "format": "jsonl"}],
+                             storage={"s3": {"endpoint_url": "http://127.0.0.1:9"},
+                                      "retries": 2, "backoff_s": 0.05})  # fmt: skip
+    with pytest.raises(StorageError, match="cannot reach S3 endpoint http://127.0.0.1:9"):
+        shard.run(config)
