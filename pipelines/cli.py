@@ -14,6 +14,7 @@ from rich.console import Console
 from infra.config import ConfigError
 from infra.storage import StorageError
 from pipelines.config import load_pipeline_config
+from pipelines.ray_units import UnitFailed
 from pipelines.shard import ShardConfig
 
 app = typer.Typer(
@@ -92,7 +93,7 @@ def shard(config: ConfigOption, set_: SetOption = None) -> None:
         report = shard_stage.run(pipeline)
     except ConfigError as exc:
         _fail(str(exc), 2)
-    except (FileNotFoundError, StorageError) as exc:
+    except (FileNotFoundError, StorageError, UnitFailed) as exc:
         _fail(str(exc), 1)
     render_shard_report(report, console)
 

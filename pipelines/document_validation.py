@@ -33,6 +33,21 @@ class TokenCosts:
     tokens_per_image: int
     audio_tokens_per_second: float
     video_frames: int
+    audio_seconds_estimate: float
+
+    def estimate(self, raw: RawDocument) -> int:
+        """Tokens of a document not yet validated: media are counted, not decoded.
+
+        Used to plan balanced shards before the expensive pass; audio length is unknown
+        until decoded, so each clip counts ``audio_seconds_estimate`` seconds.
+        """
+        info = MediaInfo(seconds=self.audio_seconds_estimate)
+        total = 0
+        for segment in raw.segments:
+            text = segment.get("text") if isinstance(segment.get("text"), str) else ""
+            size = len(text.encode("utf-8", "replace"))
+            total += self.of(segment.get("type", "text"), size, info)
+        return total
 
     def of(self, segment_type: str, size: int, info: MediaInfo) -> int:
         if segment_type == "text":

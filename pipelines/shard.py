@@ -1,34 +1,32 @@
 """``omni shard``: raw corpus -> validated, balanced Parquet shards with a manifest.
 
-Two phases, each a Ray Data job whose rows are units of work (the img2dataset pattern:
-the split and the shard are the units of work, resume and retry):
+The output shard is the unit of work, resume and retry (the img2dataset pattern):
 
-1. **validate** one task per input split (a JSONL byte range, a Parquet row range, a tar):
-   read, resolve media, decode-check, embed bytes; write the accepted rows and the
-   rejected ones to ``_staging/``; a ``.done.json`` marker is written last.
-2. **pack** the accepted documents, in input order, into shards of balanced estimated
-   tokens; one task writes one ``part-NNNNN.parquet`` (atomically), then its stats file.
+1. **plan**: Ray tasks (one per input file) scan every split (a JSONL byte range, a
+   Parquet row range) without touching media, counting documents and estimated tokens
+   and hashing ids; consecutive splits are grouped into shards of balanced estimated tokens (a
+   WebDataset tar is a shard of its own). The plan is saved as ``_plan.json``.
+2. **write**: one Ray task per shard reads its splits, validates every
+   document (media decoded once, here), embeds the media bytes and publishes
+   ``part-NNNNN.parquet`` atomically, then its quarantine rows, then its stats marker.
 
-A killed run is started again with the same command: finished splits and shards are
-skipped, and since the packing is a pure function of the staged data, the final shards
-hold exactly the same documents as an uninterrupted run. ``_SUCCESS.json`` is written
-last; a run with the same fingerprint then does nothing.
+Media are read and written exactly once. A killed run is started again with the same
+command: the saved plan is reused and shards whose stats marker exists are skipped, so
+the result holds exactly the documents of an uninterrupted run. ``_SUCCESS.json`` is
+written last; a run with the same fingerprint then does nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import ray
 from pydantic import Field
 from tqdm import tqdm
 
@@ -39,8 +37,9 @@ from pipelines.corpus import InputFile, absolute, expand_inputs
 from pipelines.document_validation import TokenCosts, accept
 from pipelines.documents import RawDocument, Rejected
 from pipelines.media_checks import MediaLimits
+from pipelines.ray_units import run_units
 from pipelines.readers import READERS, Split, SplitOptions
-from pipelines.shard_packing import balanced_boundaries
+from pipelines.shard_plan import ScanContext, plan_shards, scan_file
 from pipelines.stage_state import (
     RUNNING,
     SUCCESS,
@@ -87,6 +86,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("path", pa.string()),
         ("documents", pa.int64()),
         ("est_tokens", pa.int64()),
+        ("planned_tokens", pa.int64()),
         ("bytes", pa.int64()),
         ("sha256", pa.string()),
         ("signatures", pa.string()),
@@ -98,8 +98,12 @@ class ShardConfig(Section):
     """The ``shard`` section. Token costs are estimates used only to balance shards."""
 
     target_tokens: int = Field(1_000_000, gt=0, description="estimated tokens per output shard")
-    jsonl_split_bytes: int = Field(1 << 20, gt=0, description="JSONL bytes per work unit")
-    parquet_split_rows: int = Field(512, gt=0, description="Parquet rows per work unit")
+    jsonl_split_bytes: int = Field(
+        256 * 1024, gt=0, description="JSONL bytes per planning split (much less than a shard)"
+    )
+    parquet_split_rows: int = Field(
+        256, gt=0, description="Parquet rows per planning split (much less than a shard)"
+    )
     row_group_rows: int = Field(256, gt=0, description="rows per row group in output shards")
     max_image_pixels: int = Field(
         50_000_000, gt=0, description="images above this, read from the header, are rejected"
@@ -109,8 +113,14 @@ class ShardConfig(Section):
     text_bytes_per_token: float = Field(4.0, gt=0, description="UTF-8 bytes per BPE token")
     tokens_per_image: int = Field(256, gt=0, description="image tokenizer: tokens per image")
     audio_tokens_per_second: float = Field(12.5, gt=0, description="audio tokenizer token rate")
+    audio_seconds_estimate: float = Field(
+        10.0, gt=0, description="clip length assumed when planning, before audio is decoded"
+    )
     video_frames: int = Field(8, gt=0, description="frames sampled per video by the tokenizer")
-    cpus_per_task: float = Field(1.0, gt=0, description="Ray CPUs reserved per work unit")
+    cpus_per_task: float = Field(1.0, gt=0, description="Ray CPUs reserved per task")
+    task_retries: int = Field(
+        3, ge=0, description="re-runs of a task whose worker died or hit a transient I/O error"
+    )
 
 
 @dataclass
@@ -131,190 +141,142 @@ class ShardReport:
 
 
 @dataclass(frozen=True)
-class _Context:
-    """Everything a worker needs; small and picklable, shipped with each task."""
+class _WriteContext:
+    """Everything a shard task needs; small and picklable, shipped with each task."""
 
     storage: Storage
-    staging: str
     stage_dir: str
     limits: MediaLimits
     costs: TokenCosts
     row_group_rows: int
 
 
-# ---------------------------------------------------------------------------------------
-# phase 1: validate one split
-# ---------------------------------------------------------------------------------------
-def _split_id(split: Split) -> str:
-    return hashlib.sha1(split.key.encode()).hexdigest()[:16]
-
-
 def _quarantine_row(raw: RawDocument, rejected: Rejected) -> dict[str, str]:
+    def printable(text: str) -> str:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
     return {
         "id": raw.id,
-        "native_id": raw.native_id.encode("utf-8", "backslashreplace").decode("utf-8"),
+        "native_id": printable(raw.native_id),
         "source": raw.origin,
         "stage": STAGE,
         "reason": rejected.reason,
-        "detail": rejected.detail.encode("utf-8", "backslashreplace").decode("utf-8"),
+        "detail": printable(rejected.detail),
     }
 
 
-def _read_all(split: Split, context: _Context) -> Iterable[RawDocument]:
+def _read_all(split: Split, storage: Storage) -> Iterable[RawDocument]:
     """The split's documents; a file that breaks mid-read yields one last rejection."""
-    reader = READERS[split.format]
     try:
-        yield from reader.read(context.storage, split)
+        yield from READERS[split.format].read(storage, split)
     except (StorageError, *TRANSIENT_ERRORS):
-        raise  # let Ray retry: the input may be fine once the network is
+        raise  # fail the task so Ray retries it: the input may be fine once the network is
     except Exception as exc:
         yield RawDocument(
             f"<unreadable {split.key}>",
-            f"{split.uri}",
+            split.uri,
             split.namespace,
             rejection=Rejected("unreadable_input", f"{type(exc).__name__}: {exc}"),
         )
 
 
-def validate_split(row: dict[str, Any], context: _Context) -> dict[str, Any]:
-    """Ray Data task: validate one split into staging; idempotent through its marker."""
-    split = Split(**{k: row[k] for k in Split.__dataclass_fields__})
-    split_id = _split_id(split)
-    marker = join(context.staging, f"{split_id}.done.json")
-    if context.storage.exists(marker):
-        return {**json.loads(context.storage.read_bytes(marker)), "resumed": True}
-    accepted, rejected = [], []
-    for raw in _read_all(split, context):
-        try:
-            accepted.append(accept(raw, context.storage, context.limits, context.costs))
-        except Rejected as reason:
-            rejected.append(_quarantine_row(raw, reason))
-    table = pa.Table.from_pylist(accepted, schema=DOCUMENT_SCHEMA)
-    context.storage.write_bytes(join(context.staging, f"{split_id}.parquet"), parquet_bytes(table))
-    context.storage.write_bytes(
-        join(context.staging, f"{split_id}.quarantine.parquet"),
-        parquet_bytes(quarantine_table(rejected)),
-    )
-    result = {
-        "split_id": split_id,
-        "accepted": len(accepted),
-        "rejected": len(rejected),
-        "reasons": json.dumps(Counter(r["reason"] for r in rejected)),
-    }
-    context.storage.write_bytes(marker, json.dumps(result).encode())
-    return {**result, "resumed": False}
+def _stats_uri(stage_dir: str, name: str) -> str:
+    return join(stage_dir, "_stats", name.replace(".parquet", ".json"))
 
 
-# ---------------------------------------------------------------------------------------
-# phase 2: write one balanced shard
-# ---------------------------------------------------------------------------------------
-def write_shard(row: dict[str, Any], context: _Context) -> dict[str, Any]:
-    """Ray Data task: gather one shard's rows from staging and publish it atomically."""
-    name = row["name"]
-    stats_uri = join(context.staging, f"{name}.stats.json")
-    if context.storage.exists(stats_uri):
-        return {**json.loads(context.storage.read_bytes(stats_uri)), "resumed": True}
-    pieces = []
-    for split_id, indices in json.loads(row["take"]):
-        staged = read_parquet(context.storage, join(context.staging, f"{split_id}.parquet"))
-        pieces.append(staged.take(indices))
-    table = pa.concat_tables(pieces) if pieces else DOCUMENT_SCHEMA.empty_table()
-    data = parquet_bytes(table, compression="zstd", row_group_size=context.row_group_rows)
-    context.storage.write_bytes(join(context.stage_dir, name), data)
-    stats = {
-        "path": name,
-        "documents": table.num_rows,
-        "est_tokens": int(pc.sum(table["est_tokens"]).as_py() or 0),
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "signatures": json.dumps(Counter(table["signature"].to_pylist()), sort_keys=True),
-    }
-    context.storage.write_bytes(stats_uri, json.dumps(stats).encode())
-    return {**stats, "resumed": False}
+def _quarantine_uri(stage_dir: str, name: str) -> str:
+    return join(stage_dir, "_quarantine", name)
 
 
-def _plan_shards(
-    storage: Storage, staging: str, split_ids: list[str], target_tokens: int
-) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """Assign staged documents to shards; later duplicates of an id go to quarantine."""
-    seen: set[str] = set()
-    order: list[tuple[str, int]] = []
-    tokens: list[int] = []
-    duplicates: list[dict[str, str]] = []
-    for split_id in split_ids:
-        columns = ["id", "native_id", "origin", "est_tokens"]
-        staged = read_parquet(storage, join(staging, f"{split_id}.parquet"), columns).to_pylist()
-        for index, document in enumerate(staged):
-            if document["id"] in seen:
-                duplicates.append(
-                    {
-                        "id": document["id"],
-                        "native_id": document["native_id"],
-                        "source": document["origin"],
-                        "stage": STAGE,
-                        "reason": "duplicate_id",
-                        "detail": "an earlier document of the same input has this id",
-                    }
-                )
-                continue
-            seen.add(document["id"])
-            order.append((split_id, index))
-            tokens.append(document["est_tokens"])
-    shards = []
-    for number, (start, end) in enumerate(balanced_boundaries(tokens, target_tokens)):
-        take: dict[str, list[int]] = {}
-        for split_id, index in order[start:end]:
-            take.setdefault(split_id, []).append(index)
-        name = f"part-{number:05d}.parquet"
-        shards.append({"name": name, "take": json.dumps(list(take.items()))})
-    return shards, duplicates
+def write_shard(row: dict[str, Any], context: _WriteContext) -> dict[str, Any]:
+    """Ray task: validate one shard's documents and publish it; idempotent via its stats.
 
-
-# ---------------------------------------------------------------------------------------
-# the stage
-# ---------------------------------------------------------------------------------------
-def _run_units(
-    function: Callable[..., dict[str, Any]],
-    rows: list[dict[str, Any]],
-    context: _Context,
-    config: ShardConfig,
-    description: str,
-    on_result: Callable[[dict[str, Any], tqdm], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Run ``function`` over ``rows`` as a Ray Data job, one row per task, with a bar.
-
-    Ray Data re-runs a task whose worker died (its default ``max_retries=-1``); transient
-    storage errors are retried inside :class:`Storage`. Either way a unit of work is
-    idempotent, so a retry never duplicates output.
+    Order of writes: the part file, its quarantine rows, then the stats marker. A task
+    killed before the marker is simply redone; its outputs are overwritten atomically.
     """
-    if not rows:
-        return []
-    _quiet_ray_data()
-    dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
-        function, fn_kwargs={"context": context}, num_cpus=config.cpus_per_task
+    name, storage = row["name"], context.storage
+    stats_uri = _stats_uri(context.stage_dir, name)
+    if storage.exists(stats_uri):
+        return {**json.loads(storage.read_bytes(stats_uri)), "resumed": True}
+    duplicates = {key: set(positions) for key, positions in row["duplicates"]}
+    accepted, rejected = [], []
+    for split_row in row["splits"]:
+        split = Split.from_row(split_row)
+        skip = duplicates.get(split.key, set())
+        for position, raw in enumerate(_read_all(split, storage)):
+            try:
+                if position in skip:
+                    raise Rejected("duplicate_id", "an earlier document of the input has this id")
+                accepted.append(accept(raw, storage, context.limits, context.costs))
+            except Rejected as reason:
+                rejected.append(_quarantine_row(raw, reason))
+    stats: dict[str, Any] = {
+        "path": None,
+        "documents": 0,
+        "est_tokens": 0,
+        "bytes": 0,
+        "sha256": "",
+        "signatures": "{}",
+    }
+    if accepted:
+        table = pa.Table.from_pylist(accepted, schema=DOCUMENT_SCHEMA)
+        data = parquet_bytes(table, compression="zstd", row_group_size=context.row_group_rows)
+        storage.write_bytes(join(context.stage_dir, name), data)
+        stats = {
+            "path": name,
+            "documents": len(accepted),
+            "est_tokens": sum(r["est_tokens"] for r in accepted),
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "signatures": json.dumps(Counter(r["signature"] for r in accepted), sort_keys=True),
+        }
+    storage.write_bytes(
+        _quarantine_uri(context.stage_dir, name), parquet_bytes(quarantine_table(rejected))
     )
-    results = []
-    with tqdm(total=len(rows), desc=description, unit="unit", dynamic_ncols=True) as bar:
-        for result in dataset.iter_rows():
-            results.append(result)
-            if on_result:
-                on_result(result, bar)
-            bar.update(1)
-    return results
-
-
-def _quiet_ray_data() -> None:
-    """One progress bar of ours instead of Ray Data's per-operator bars and INFO logs."""
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled"
+    stats["quarantined"] = len(rejected)
+    stats["planned_tokens"] = row["est_tokens"]
+    storage.write_bytes(stats_uri, json.dumps(stats).encode())
+    return {**stats, "resumed": False}
 
 
 def _fingerprint(config: PipelineConfig, files: list[InputFile]) -> str:
     identity = [(f.namespace, f.format, f.size, f.version) for f in files]
     return fingerprint(STAGE, config.corpus, config.shard, identity)
+
+
+def _token_costs(shard: ShardConfig) -> TokenCosts:
+    return TokenCosts(
+        shard.text_bytes_per_token,
+        shard.tokens_per_image,
+        shard.audio_tokens_per_second,
+        shard.video_frames,
+        shard.audio_seconds_estimate,
+    )
+
+
+def _plan(config: PipelineConfig, files: list[InputFile], storage: Storage) -> list[dict]:
+    """Scan the inputs (in parallel) and group their splits into shard specs."""
+    shard = config.shard
+    options = SplitOptions(shard.jsonl_split_bytes, shard.parquet_split_rows)
+    per_file = [
+        READERS[f.format].splits(storage, f.uri, f.namespace, f.media_root, options) for f in files
+    ]
+    to_scan = [
+        {"splits": [s.to_row() for s in splits]}
+        for f, splits in zip(files, per_file, strict=True)
+        if not READERS[f.format].whole_file_shards
+    ]
+    scanned = run_units(
+        scan_file,
+        to_scan,
+        {"context": ScanContext(storage, _token_costs(shard))},
+        cpus_per_unit=shard.cpus_per_task,
+        description="plan",
+        retries=shard.task_retries,
+    )
+    by_key = {scan["key"]: scan for result in scanned for scan in result["scans"]}
+    splits = [split for splits in per_file for split in splits]
+    return [spec.to_row() for spec in plan_shards(splits, by_key, shard.target_tokens)]
 
 
 def _report_from_success(stage_dir: str, success: dict[str, Any], seconds: float) -> ShardReport:
@@ -332,13 +294,30 @@ def _report_from_success(stage_dir: str, success: dict[str, Any], seconds: float
     )
 
 
+def _finish(
+    storage: Storage, stage_dir: str, written: list[dict[str, Any]], plan: list[dict]
+) -> tuple[list[dict[str, Any]], pa.Table]:
+    """Merge the per-shard quarantine files and write manifest.parquet and quarantine.parquet."""
+    quarantine = pa.concat_tables(
+        [read_parquet(storage, _quarantine_uri(stage_dir, spec["name"])) for spec in plan]
+    )
+    storage.write_bytes(join(stage_dir, "quarantine.parquet"), parquet_bytes(quarantine))
+    manifest = sorted(
+        ({k: r[k] for k in MANIFEST_SCHEMA.names} for r in written if r["path"]),
+        key=lambda r: r["path"],
+    )
+    storage.write_bytes(
+        join(stage_dir, "manifest.parquet"),
+        parquet_bytes(pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA)),
+    )
+    return manifest, quarantine
+
+
 def run(config: PipelineConfig) -> ShardReport:
     """Run the shard stage for ``config``; safe to re-run, resumes where it stopped."""
     started = time.time()
     storage = Storage(config.storage)
-    workspace = absolute(config.workspace)
-    stage_dir = join(workspace, "shards")
-    staging = join(stage_dir, "_staging")
+    stage_dir = join(absolute(config.workspace), "shards")
     files = expand_inputs(config.corpus, storage)
     stage_fingerprint = _fingerprint(config, files)
     notes: list[str] = []
@@ -346,84 +325,72 @@ def run(config: PipelineConfig) -> ShardReport:
     success = read_marker(storage, stage_dir, SUCCESS)
     if success and success.get("fingerprint") == stage_fingerprint:
         return _report_from_success(stage_dir, success, time.time() - started)
-    previous = success or read_marker(storage, stage_dir, RUNNING)
+    running = read_marker(storage, stage_dir, RUNNING)
+    previous = success or running
     if previous and previous.get("fingerprint") != stage_fingerprint:
         notes.append("config or inputs changed since the last run: output rebuilt from scratch")
         storage.remove(stage_dir, recursive=True)
-    write_marker(storage, stage_dir, RUNNING, {"stage": STAGE, "fingerprint": stage_fingerprint})
+        running = None
 
     shard = config.shard
-    options = SplitOptions(shard.jsonl_split_bytes, shard.parquet_split_rows)
-    splits = [
-        split
-        for f in files
-        for split in READERS[f.format].splits(storage, f.uri, f.namespace, f.media_root, options)
-    ]
-    context = _Context(
+    context = _WriteContext(
         storage=storage,
-        staging=staging,
         stage_dir=stage_dir,
         limits=MediaLimits(shard.max_image_pixels, shard.max_media_bytes, shard.video_probe_frames),
-        costs=TokenCosts(
-            shard.text_bytes_per_token,
-            shard.tokens_per_image,
-            shard.audio_tokens_per_second,
-            shard.video_frames,
-        ),
+        costs=_token_costs(shard),
         row_group_rows=shard.row_group_rows,
     )
+    totals: Counter[str] = Counter()
+
+    def count(result: dict[str, Any], bar: tqdm) -> None:
+        totals["documents"] += result["documents"]
+        totals["quarantined"] += result["quarantined"]
+        bar.set_postfix(docs=totals["documents"], quarantined=totals["quarantined"])
+
     started_ray = connect(config.ray)
     try:
-        totals: Counter[str] = Counter()
-
-        def count(result: dict[str, Any], bar: tqdm) -> None:
-            totals["accepted"] += result["accepted"]
-            totals["rejected"] += result["rejected"]
-            bar.set_postfix(docs=totals["accepted"], quarantined=totals["rejected"])
-
-        validated = _run_units(
-            validate_split, [s.to_row() for s in splits], context, shard, "validate", count
+        if running and "plan" in running:
+            plan = running["plan"]
+        else:
+            plan = _plan(config, files, storage)
+            write_marker(
+                storage,
+                stage_dir,
+                RUNNING,
+                {"stage": STAGE, "fingerprint": stage_fingerprint, "plan": plan},
+            )
+        written = run_units(
+            write_shard,
+            plan,
+            {"context": context},
+            cpus_per_unit=shard.cpus_per_task,
+            description="shards",
+            retries=shard.task_retries,
+            on_result=count,
         )
-        by_split = {r["split_id"]: r for r in validated}
-        split_ids = [_split_id(s) for s in splits]
-        plan, duplicates = _plan_shards(storage, staging, split_ids, shard.target_tokens)
-        written = _run_units(write_shard, plan, context, shard, "write shards")
     finally:
         disconnect(started_ray)
+    if len(written) != len(plan):
+        raise RuntimeError(f"{len(plan)} shards planned but {len(written)} reported")
 
-    quarantine_parts = [
-        read_parquet(storage, join(staging, f"{split_id}.quarantine.parquet"))
-        for split_id in split_ids
-    ]
-    quarantine = pa.concat_tables([*quarantine_parts, quarantine_table(duplicates)])
-    storage.write_bytes(join(stage_dir, "quarantine.parquet"), parquet_bytes(quarantine))
-    manifest_rows = sorted(
-        ({k: r[k] for k in MANIFEST_SCHEMA.names} for r in written), key=lambda r: r["path"]
-    )
-    storage.write_bytes(
-        join(stage_dir, "manifest.parquet"),
-        parquet_bytes(pa.Table.from_pylist(manifest_rows, schema=MANIFEST_SCHEMA)),
-    )
+    manifest, quarantine = _finish(storage, stage_dir, written, plan)
     signatures: Counter[str] = Counter()
-    for row in manifest_rows:
-        signatures.update(json.loads(row["signatures"]))
-    reasons = Counter(quarantine["reason"].to_pylist())
-    documents_out = sum(r["documents"] for r in manifest_rows)
+    for entry in manifest:
+        signatures.update(json.loads(entry["signatures"]))
+    documents_out = sum(entry["documents"] for entry in manifest)
     report = ShardReport(
         stage_dir=stage_dir,
         skipped=False,
         documents_in=documents_out + quarantine.num_rows,
         documents_out=documents_out,
-        shards=len(manifest_rows),
-        quarantined=dict(sorted(reasons.items())),
+        shards=len(manifest),
+        quarantined=dict(sorted(Counter(quarantine["reason"].to_pylist()).items())),
         signatures=dict(sorted(signatures.items())),
-        est_tokens=sum(r["est_tokens"] for r in manifest_rows),
+        est_tokens=sum(entry["est_tokens"] for entry in manifest),
         seconds=time.time() - started,
-        resumed_units=sum(1 for r in [*validated, *written] if r["resumed"]),
+        resumed_units=sum(1 for r in written if r["resumed"]),
         notes=notes,
     )
-    if len(by_split) != len(splits):
-        raise RuntimeError(f"{len(splits)} splits planned but {len(by_split)} reported")
     write_marker(
         storage,
         stage_dir,
@@ -441,6 +408,6 @@ def run(config: PipelineConfig) -> ShardReport:
             inputs=[f.uri for f in files],
         ),
     )
-    storage.remove(staging, recursive=True)
-    storage.remove(join(stage_dir, RUNNING))
+    for leftover in ("_stats", "_quarantine", RUNNING):
+        storage.remove(join(stage_dir, leftover), recursive=True)
     return report

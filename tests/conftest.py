@@ -83,7 +83,7 @@ def pipeline_config(workspace: Path | str, inputs: list[dict], **overrides: Any)
     data: dict[str, Any] = {
         "workspace": str(workspace),
         "corpus": {"inputs": inputs},
-        "shard": {"target_tokens": 4000, "jsonl_split_bytes": 16384, "parquet_split_rows": 16},
+        "shard": {"target_tokens": 4000, "jsonl_split_bytes": 2048, "parquet_split_rows": 16},
     }
     for section, values in overrides.items():
         data.setdefault(section, {}).update(values)

@@ -42,12 +42,25 @@ class Split:
     def to_row(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Split:
+        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+
 
 class Reader(Protocol):
-    """A raw-corpus format: cut a file into splits, read a split into documents."""
+    """A raw-corpus format: cut a file into splits, read a split into documents.
+
+    ``scan`` yields the same documents as ``read`` but may leave media bytes out: it
+    feeds shard planning, which only counts. A reader whose files are already shards
+    (``whole_file_shards``, e.g. WebDataset tars) is not scanned: one file, one shard.
+    """
+
+    whole_file_shards: bool
 
     def splits(
         self, storage: Storage, uri: str, namespace: str, media_root: str, options: SplitOptions
     ) -> list[Split]: ...
 
     def read(self, storage: Storage, split: Split) -> Iterator[RawDocument]: ...
+
+    def scan(self, storage: Storage, split: Split) -> Iterator[RawDocument]: ...

@@ -18,6 +18,7 @@ from pipelines.readers.base import Split, SplitOptions
 
 class JsonlReader:
     format = "jsonl"
+    whole_file_shards = False
 
     def splits(
         self, storage: Storage, uri: str, namespace: str, media_root: str, options: SplitOptions
@@ -44,6 +45,10 @@ class JsonlReader:
                 offset, position = position, position + len(line)
                 if line.strip():
                     yield self._parse(line, offset, split)
+
+    def scan(self, storage: Storage, split: Split) -> Iterator[RawDocument]:
+        """Media are paths here, so reading is already cheap."""
+        return self.read(storage, split)
 
     def _parse(self, line: bytes, offset: int, split: Split) -> RawDocument:
         origin = f"{split.uri}@{offset}"

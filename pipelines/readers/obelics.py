@@ -22,6 +22,7 @@ REQUIRED_COLUMNS = ("texts", "images")
 
 class ObelicsReader:
     format = "obelics"
+    whole_file_shards = False
 
     def splits(
         self, storage: Storage, uri: str, namespace: str, media_root: str, options: SplitOptions
@@ -50,13 +51,25 @@ class ObelicsReader:
         ]
 
     def read(self, storage: Storage, split: Split) -> Iterator[RawDocument]:
+        yield from self._rows(storage, split, with_images=True)
+
+    def scan(self, storage: Storage, split: Split) -> Iterator[RawDocument]:
+        """Everything but the image bytes: image positions are where ``texts`` is null."""
+        yield from self._rows(storage, split, with_images=False)
+
+    def _rows(self, storage: Storage, split: Split, with_images: bool) -> Iterator[RawDocument]:
         with storage.open(split.uri, "rb") as handle:
             parquet = pq.ParquetFile(handle)
+            columns = None if with_images else ["id", "texts"]
+            if columns is not None:
+                columns = [c for c in columns if c in parquet.schema_arrow.names]
             first_row = sum(parquet.metadata.row_group(i).num_rows for i in range(split.part))
-            table = parquet.read_row_group(split.part).slice(split.start, split.end - split.start)
+            table = parquet.read_row_group(split.part, columns=columns)
+        table = table.slice(split.start, split.end - split.start)
         for index, row in enumerate(table.to_pylist()):
-            row_number = first_row + split.start + index
-            yield self._document(row, row_number, split)
+            if not with_images:
+                row["images"] = [b"" if text is None else None for text in row["texts"] or []]
+            yield self._document(row, first_row + split.start + index, split)
 
     def _document(self, row: dict[str, Any], row_number: int, split: Split) -> RawDocument:
         native_id = row.pop("id", None)

@@ -39,7 +39,10 @@ def unsafe_member_reason(member: tarfile.TarInfo) -> str | None:
 
 
 class WebDatasetReader:
+    """Tars are read whole: img2dataset and video2dataset already write balanced shards."""
+
     format = "webdataset"
+    whole_file_shards = True
 
     def splits(
         self, storage: Storage, uri: str, namespace: str, media_root: str, options: SplitOptions
@@ -83,6 +86,9 @@ class WebDatasetReader:
                 members[suffix.lower()] = extracted.read() if extracted else b""
             if current_key is not None:
                 yield self._document(current_key, members, split)
+
+    def scan(self, storage: Storage, split: Split) -> Iterator[RawDocument]:
+        raise NotImplementedError("tars are whole-file shards and are never scanned")
 
     def _document(self, key: str, members: dict[str, bytes], split: Split) -> RawDocument:
         document = RawDocument(key, f"{split.uri}#{key}", split.namespace)

@@ -6,7 +6,9 @@ import random
 
 import pytest
 
+from pipelines.readers import Split
 from pipelines.shard_packing import balanced_boundaries
+from pipelines.shard_plan import plan_shards
 
 
 def test_known_answers() -> None:
@@ -40,3 +42,33 @@ def test_every_document_once_and_shards_balanced(seed: int) -> None:
 def test_target_must_be_positive() -> None:
     with pytest.raises(ValueError):
         balanced_boundaries([1], 0)
+
+
+def _split(fmt: str, key: int) -> Split:
+    return Split(fmt, f"/data/{key}", "ns/file", "/data", part=key, start=0, end=1)
+
+
+def test_plan_marks_later_duplicates_and_keeps_tars_whole() -> None:
+    jsonl = [_split("jsonl", i) for i in range(4)]
+    tar = _split("webdataset", 9)
+    splits = [jsonl[0], jsonl[1], tar, jsonl[2], jsonl[3]]
+    scans = {
+        jsonl[0].key: {"est_tokens": 10, "hashes": [1, 2]},
+        jsonl[1].key: {"est_tokens": 10, "hashes": [3, 1]},  # 1 again: a duplicate
+        jsonl[2].key: {"est_tokens": 10, "hashes": [4]},
+        jsonl[3].key: {"est_tokens": 10, "hashes": [2, 5]},  # 2 again
+    }
+    specs = plan_shards(splits, scans, target_tokens=10)
+    assert [[s["part"] for s in spec.splits] for spec in specs] == [[0], [1], [9], [2], [3]]
+    assert [spec.name for spec in specs][:2] == ["part-00000.parquet", "part-00001.parquet"]
+    assert specs[1].duplicates == {jsonl[1].key: [1]}
+    assert specs[4].duplicates == {jsonl[3].key: [0]}
+    assert specs[2].est_tokens == 0 and specs[2].duplicates == {}
+
+
+def test_plan_groups_small_splits_up_to_the_target() -> None:
+    splits = [_split("jsonl", i) for i in range(6)]
+    scans = {s.key: {"est_tokens": 5, "hashes": [i]} for i, s in enumerate(splits)}
+    specs = plan_shards(splits, scans, target_tokens=10)
+    assert [len(spec.splits) for spec in specs] == [2, 2, 2]
+    assert all(spec.est_tokens == 10 for spec in specs)

@@ -41,7 +41,7 @@ def write_config(path: Path, workspace: Path, docs: Path, media_root: Path) -> N
         "corpus": {"inputs": [{"uri": str(docs), "format": "jsonl", "name": "corpus",
                                "media_root": str(media_root)}]},
         "ray": {"num_cpus": 1, "object_store_memory_mb": 256},
-        "shard": {"target_tokens": 20_000, "jsonl_split_bytes": 2048},
+        "shard": {"target_tokens": 5_000, "jsonl_split_bytes": 2048},
     }))  # fmt: skip
 
 
@@ -52,7 +52,7 @@ def test_killed_run_resumes_without_losing_or_duplicating(
     config_path = tmp_path / "config.yaml"
     workspace = tmp_path / "killed"
     write_config(config_path, workspace, docs, sample_corpus)
-    staging = workspace / "shards" / "_staging"
+    markers = workspace / "shards" / "_stats"
 
     process = subprocess.Popen(
         [sys.executable, "-m", "pipelines.cli", "shard", "--config", str(config_path)],
@@ -62,7 +62,7 @@ def test_killed_run_resumes_without_losing_or_duplicating(
     )
     try:
         deadline = time.monotonic() + 180
-        while len(list(staging.glob("*.done.json"))) < 3:
+        while len(list(markers.glob("*.json"))) < 3:
             assert process.poll() is None, "the run ended before it could be killed"
             assert time.monotonic() < deadline, "no work unit finished in time"
             time.sleep(0.05)
@@ -71,18 +71,20 @@ def test_killed_run_resumes_without_losing_or_duplicating(
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    finished_before_kill = len(list(staging.glob("*.done.json")))
+    finished_before_kill = len(list(markers.glob("*.json")))
+    plan = json.loads((workspace / "shards" / "_RUNNING.json").read_text())["plan"]
+    assert finished_before_kill < len(plan), "killed mid-run, not after the last shard"
     assert not (workspace / "shards" / "_SUCCESS.json").exists()
 
     from pipelines.config import load_pipeline_config
 
     resumed = shard.run(load_pipeline_config(config_path))
-    assert resumed.resumed_units >= finished_before_kill >= 3
+    assert resumed.resumed_units >= finished_before_kill >= 3  # the saved plan was reused
 
     uninterrupted = pipeline_config(
         tmp_path / "clean",
         [{"uri": str(docs), "format": "jsonl", "name": "corpus", "media_root": str(sample_corpus)}],
-        shard={"target_tokens": 20_000, "jsonl_split_bytes": 2048},
+        shard={"target_tokens": 5_000, "jsonl_split_bytes": 2048},
     )
     reference = shard.run(uninterrupted)
     killed_ids = document_ids(workspace / "shards")

@@ -12,12 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from infra.services import MotoServer
-from infra.storage import StorageError
+from infra.storage import Storage, StorageError
 from pipelines import shard
+from pipelines.readers import READERS, SplitOptions
+from pipelines.shard_plan import ScanContext, scan_file
 from tests import builders
 from tests.conftest import pipeline_config
 
 pytestmark = pytest.mark.integration
+COSTS = shard._token_costs(shard.ShardConfig(target_tokens=4000))
 
 
 def shard_rows(stage_dir: Path) -> list[dict]:
@@ -60,14 +63,20 @@ def test_sample_corpus_is_sharded_completely_and_balanced(
         assert hashlib.sha256(data).hexdigest() == entry["sha256"]
         assert len(data) == entry["bytes"]
         assert pq.read_metadata(stage_dir / entry["path"]).num_rows == entry["documents"]
-    tokens = [entry["est_tokens"] for entry in manifest]
-    largest_document = max(r["est_tokens"] for r in rows)
-    mean = sum(tokens) / len(tokens)
-    assert all(abs(t - mean) <= largest_document for t in tokens), tokens  # no greedy runt
+    planned = [entry["planned_tokens"] for entry in manifest]
+    splits = READERS["jsonl"].splits(Storage(), str(sample_corpus / "docs.jsonl"), "corpus/d",
+                                     str(sample_corpus), SplitOptions(2048, 16))  # fmt: skip
+    scans = scan_file({"splits": [s.to_row() for s in splits]}, ScanContext(Storage(), COSTS))
+    largest_split = max(scan["est_tokens"] for scan in scans["scans"])
+    assert sum(planned) == sum(scan["est_tokens"] for scan in scans["scans"])
+    mean = sum(planned) / len(planned)
+    assert all(abs(t - mean) <= largest_split for t in planned), planned  # no greedy runt
+    assert sum(entry["est_tokens"] for entry in manifest) == report.est_tokens
 
     success = json.loads((stage_dir / "_SUCCESS.json").read_text())
     assert success["stage"] == "shard" and success["documents_out"] == 374
-    assert not (stage_dir / "_staging").exists() and not (stage_dir / "_RUNNING.json").exists()
+    leftovers = {"_stats", "_quarantine", "_RUNNING.json"} & {p.name for p in stage_dir.iterdir()}
+    assert not leftovers
 
     again = shard.run(config)
     assert again.skipped and again.documents_out == 374

@@ -1,0 +1,69 @@
+"""Running idempotent units of work on Ray, with one progress bar on the driver.
+
+Ray core tasks rather than a Ray Data ``map``: each unit is a coarse, side-effecting job
+(read a split or a shard's worth of documents, write files), not a stream of blocks.
+Measured on 2 CPUs with the same 21 shard units (benchmarks/shard_throughput.py): Ray
+Data's streaming executor took 1.9 s where plain tasks took 1.4 s (its scheduling
+thread competes with the workers for the cores, and by default it reserves resources
+per operator), and its cold start was 2x slower. Tasks also give exact retry control.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from tqdm import tqdm
+
+from infra.storage import TRANSIENT_ERRORS, StorageError
+
+
+class UnitFailed(RuntimeError):
+    """A unit of work failed after its retries; the message names the unit."""
+
+
+def run_units(
+    function: Callable[..., dict[str, Any]],
+    rows: list[dict[str, Any]],
+    fn_kwargs: dict[str, Any],
+    cpus_per_unit: float,
+    description: str,
+    retries: int,
+    on_result: Callable[[dict[str, Any], tqdm], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Apply ``function(row, **fn_kwargs)`` to every row as one Ray task each.
+
+    Results come back in completion order and drive the bar. A task is re-run up to
+    ``retries`` times when its worker dies or it raises a transient storage error;
+    units must be idempotent, so that a retry never duplicates output. Retries are
+    bounded: a poison input that crashes its worker must fail the stage, not hang it.
+    """
+    if not rows:
+        return []
+    remote = ray.remote(function).options(
+        num_cpus=cpus_per_unit,
+        max_retries=retries,
+        retry_exceptions=[StorageError, *TRANSIENT_ERRORS],
+    )
+    shared = {name: ray.put(value) for name, value in fn_kwargs.items()}
+    pending = {remote.remote(row, **shared): index for index, row in enumerate(rows)}
+    results: list[dict[str, Any]] = []
+    with tqdm(total=len(rows), desc=description, unit="unit", dynamic_ncols=True) as bar:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            index = pending.pop(done[0])
+            try:
+                result = ray.get(done[0])
+            except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError) as error:
+                unit = rows[index].get("name", f"#{index}")
+                cause = getattr(error, "cause", None) or error
+                raise UnitFailed(
+                    f"{description} unit {unit} failed after {retries} retries: "
+                    f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+                ) from error
+            results.append(result)
+            if on_result:
+                on_result(result, bar)
+            bar.update(1)
+    return results
