@@ -137,6 +137,8 @@ class ShardReport:
     est_tokens: int
     seconds: float
     resumed_units: int = 0
+    shard_documents: list[int] = field(default_factory=list)
+    shard_planned_tokens: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -389,6 +391,8 @@ def run(config: PipelineConfig) -> ShardReport:
         est_tokens=sum(entry["est_tokens"] for entry in manifest),
         seconds=time.time() - started,
         resumed_units=sum(1 for r in written if r["resumed"]),
+        shard_documents=[entry["documents"] for entry in manifest],
+        shard_planned_tokens=[entry["planned_tokens"] for entry in manifest],
         notes=notes,
     )
     write_marker(

@@ -8,6 +8,12 @@ from rich.table import Table
 from pipelines.shard import ShardReport
 
 
+def _spread(values: list[int]) -> str:
+    """min / median / max, the three numbers that say whether shards are balanced."""
+    ordered = sorted(values)
+    return f"{ordered[0]:,} / {ordered[len(ordered) // 2]:,} / {ordered[-1]:,} (min/median/max)"
+
+
 def render_shard_report(report: ShardReport, console: Console) -> None:
     """Print documents in/out, shards, quarantine counts by reason and timing."""
     status = "skipped (already done)" if report.skipped else "done"
@@ -19,6 +25,9 @@ def render_shard_report(report: ShardReport, console: Console) -> None:
     table.add_row("documents out", f"{report.documents_out:,}")
     table.add_row("quarantined", f"{sum(report.quarantined.values()):,}")
     table.add_row("shards", f"{report.shards:,}")
+    if report.shard_documents:
+        table.add_row("documents per shard", _spread(report.shard_documents))
+        table.add_row("planned tokens per shard", _spread(report.shard_planned_tokens))
     table.add_row("estimated tokens", f"{report.est_tokens:,}")
     if report.resumed_units:
         table.add_row("work units resumed", f"{report.resumed_units:,}")
