@@ -66,18 +66,33 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], assignments: Iterable[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with every ``a.b=c`` assignment applied in order."""
+    """Return a copy of ``data`` with every ``a.b=c`` assignment applied in order.
+
+    A numeric key indexes a list (``corpus.inputs.0.uri=...``), matching how validation
+    errors name list items.
+    """
     result = json.loads(json.dumps(data))  # deep copy of plain YAML data
     for assignment in assignments:
         keys, value = parse_override(assignment)
-        node = result
-        for depth, key in enumerate(keys[:-1]):
-            child = node.setdefault(key, {})
-            if not isinstance(child, dict):
-                dotted = ".".join(keys[: depth + 1])
-                raise ConfigError(f"--set {assignment}: {dotted} is not a section")
-            node = child
-        node[keys[-1]] = value
+        node: Any = result
+        for depth, key in enumerate(keys):
+            dotted = ".".join(keys[: depth + 1])
+            last = depth == len(keys) - 1
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise ConfigError(f"--set {assignment}: {dotted}: no such list item")
+                if last:
+                    node[int(key)] = value
+                else:
+                    node = node[int(key)]
+            elif isinstance(node, dict):
+                if last:
+                    node[key] = value
+                else:
+                    node = node.setdefault(key, {})
+            else:
+                parent = ".".join(keys[:depth])
+                raise ConfigError(f"--set {assignment}: {parent} is not a section")
     return result
 
 

@@ -30,7 +30,7 @@ import pyarrow as pa
 from pydantic import Field
 from tqdm import tqdm
 
-from infra.config import Section, fingerprint
+from infra.config import Section, fingerprint, redact_uri
 from infra.ray_runtime import connect, disconnect
 from infra.storage import TRANSIENT_ERRORS, Storage, StorageError, join
 from pipelines.corpus import InputFile, absolute, expand_inputs
@@ -409,7 +409,7 @@ def run(config: PipelineConfig) -> ShardReport:
             quarantined=report.quarantined,
             signatures=report.signatures,
             est_tokens=report.est_tokens,
-            inputs=[f.uri for f in files],
+            inputs=[redact_uri(f.uri) for f in files],
         ),
     )
     for leftover in ("_stats", "_quarantine", RUNNING):

@@ -47,6 +47,16 @@ def test_overrides_are_typed_and_nested() -> None:
     assert data["t"]["lr"] == 3e-4
 
 
+def test_overrides_index_into_lists() -> None:
+    data = {"corpus": {"inputs": [{"uri": "a", "format": "jsonl"}, {"uri": "b"}]}}
+    changed = apply_overrides(data, ["corpus.inputs.1.format=obelics", "corpus.inputs.0.uri=z"])
+    assert changed["corpus"]["inputs"] == [{"uri": "z", "format": "jsonl"},
+                                           {"uri": "b", "format": "obelics"}]  # fmt: skip
+    assert data["corpus"]["inputs"][0]["uri"] == "a"  # the input is not modified
+    with pytest.raises(ConfigError, match="corpus.inputs.5: no such list item"):
+        apply_overrides(data, ["corpus.inputs.5.uri=x"])
+
+
 def test_override_into_a_scalar_is_refused() -> None:
     with pytest.raises(ConfigError, match="workspace is not a section"):
         apply_overrides({"workspace": "w"}, ["workspace.x=1"])

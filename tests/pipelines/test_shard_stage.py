@@ -201,13 +201,19 @@ def test_s3_input_and_s3_workspace_give_the_same_documents_as_local(
     moto_server.s3_client().put_object(
         Bucket="shard-s3", Key="raw/obelics/a.parquet", Body=obelics.read_bytes()
     )
+    tar = tmp_path / "00000.tar"
+    tar_keys = builders.build_webdataset_tar(sample_corpus, tar)
+    moto_server.s3_client().put_object(
+        Bucket="shard-s3", Key="raw/laion/00000.tar", Body=tar.read_bytes()
+    )
     storage = {"s3": {"endpoint_url": s3_env}}
     remote = pipeline_config("s3://shard-s3/ws", [
         {"uri": "s3://shard-s3/raw/corpus/docs.jsonl", "format": "jsonl"},
         {"uri": "s3://shard-s3/raw/obelics/*.parquet", "format": "obelics"},
+        {"uri": "s3://shard-s3/raw/laion/{00000..00000}.tar", "format": "webdataset"},
     ], storage=storage)  # fmt: skip
     report = shard.run(remote)
-    assert report.documents_out == 374 + 6 and report.quarantined == {}
+    assert report.documents_out == 374 + 6 + len(tar_keys) and report.quarantined == {}
 
     client = moto_server.s3_client()
     listed = client.list_objects_v2(Bucket="shard-s3", Prefix="ws/shards/")["Contents"]
