@@ -116,7 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--documents", type=int, default=2000)
     parser.add_argument("--cpus", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each side")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="shard-bench-"))
