@@ -1,0 +1,156 @@
+"""Warm-up training of the image tokenizer: ``L_total = L_rec + L_sem`` (NExT-OMNI).
+
+One :meth:`ImageTokenizerTrainer.step` optimises the generator side (encoder, quantiser,
+decoder, caption encoder) on
+
+    L_G_total = w_1 |x - x_hat|_1 + w_2 |x - x_hat|_2^2      (L_R)
+              + L_VQ                                          (commitment; EMA codebook)
+              + lambda_G * L_G      once step >= gan_start_step
+              + lambda_sem * L_constra   when captions are given
+
+and then, once the GAN is on, the PatchGAN discriminator on the hinge loss. The GAN starts
+late (as in VQGAN) because an adversary against blurry early reconstructions only adds noise.
+The loss weights are this implementation's; the paper states the sum without them.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from infra.config import Section
+from tokenization.image import ImageTokenizer
+from tokenization.image_losses import (
+    CaptionEncoder,
+    PatchDiscriminator,
+    contrastive_loss,
+    discriminator_hinge_loss,
+    generator_hinge_loss,
+)
+
+
+class ImageTrainerConfig(Section):
+    """Optimiser, loss weights and the auxiliary networks of the warm-up."""
+
+    lr: float = Field(2e-4, gt=0, description="Adam learning rate (generator and discriminator)")
+    betas: tuple[float, float] = Field((0.5, 0.9), description="Adam betas (VQGAN's)")
+    grad_clip: float = Field(1.0, gt=0, description="max gradient norm per optimiser step")
+    l1_weight: float = Field(1.0, ge=0, description="weight of |x - x_hat|_1 in L_R")
+    l2_weight: float = Field(1.0, ge=0, description="weight of |x - x_hat|^2 in L_R")
+    gan_start_step: int = Field(
+        2000, ge=0, description="L_G and D training are on from this (0-based) step"
+    )
+    gan_weight: float = Field(0.1, ge=0, description="lambda_G, weight of the generator loss")
+    disc_width: int = Field(32, gt=0, description="first conv width of the PatchGAN")
+    disc_layers: int = Field(3, ge=1, description="stride-2 convs of the PatchGAN")
+    semantic_weight: float = Field(0.1, ge=0, description="lambda_sem, weight of L_constra")
+    temperature: float = Field(0.07, gt=0, description="InfoNCE temperature tau")
+    text_vocab_size: int = Field(4096, gt=0, description="caption BPE vocabulary size")
+    text_width: int = Field(128, gt=0, description="caption encoder width")
+    text_layers: int = Field(2, ge=1, description="caption encoder transformer layers")
+    text_heads: int = Field(4, ge=1, description="caption encoder attention heads")
+    max_caption_tokens: int = Field(77, gt=0, description="captions are truncated to this")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ImageTrainerConfig:
+        if self.text_width % self.text_heads:
+            raise ValueError(
+                f"text_width={self.text_width} must be divisible by text_heads={self.text_heads}"
+            )
+        return self
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of images in [0, 1]: ``10 log10(1 / MSE)``.
+
+    For batches (B, C, H, W) it is the mean of the per-image PSNRs; MSE is floored at 1e-10.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"psnr: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    diff = (a.detach().float() - b.detach().float()).pow(2)
+    mse = diff.flatten(1).mean(1) if diff.dim() == 4 else diff.mean().reshape(1)
+    return float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean())
+
+
+class ImageTokenizerTrainer:
+    """Owns the optimisers, the discriminator and the caption encoder; ``step`` counts steps.
+
+    The auxiliary networks are created on the tokenizer's device; inputs are moved there.
+    """
+
+    def __init__(self, tokenizer: ImageTokenizer, config: ImageTrainerConfig) -> None:
+        device = next(tokenizer.parameters()).device
+        self.tokenizer = tokenizer
+        self.config = config
+        self.global_step = 0
+        self.discriminator = PatchDiscriminator(config.disc_width, config.disc_layers).to(device)
+        self.text_encoder = CaptionEncoder(
+            config.text_vocab_size,
+            config.text_width,
+            config.text_layers,
+            config.text_heads,
+            tokenizer.config.latent_dim,
+            config.max_caption_tokens,
+        ).to(device)
+        self.generator_params = list(
+            itertools.chain(tokenizer.parameters(), self.text_encoder.parameters())
+        )
+        adam = {"lr": config.lr, "betas": config.betas}
+        self.generator_opt = torch.optim.Adam(self.generator_params, **adam)
+        self.discriminator_opt = torch.optim.Adam(self.discriminator.parameters(), **adam)
+
+    @property
+    def gan_active(self) -> bool:
+        return self.global_step >= self.config.gan_start_step
+
+    def step(
+        self, pixels: torch.Tensor, caption_ids: list[list[int]] | None = None
+    ) -> dict[str, float]:
+        """One generator step (and one discriminator step once the GAN is on).
+
+        ``pixels`` (B, 3, R, R) in [0, 1]; ``caption_ids`` None or B token-id lists, one
+        caption per image. Returns the weighted ``loss`` and the unweighted terms ``rec``
+        (L_R), ``vq``, ``gan_g``, ``gan_d``, ``sem`` (0 when off), plus the quantiser's
+        ``usage`` and ``perplexity``.
+        """
+        config = self.config
+        device = next(self.tokenizer.parameters()).device
+        pixels = pixels.to(device)
+        if caption_ids is not None and len(caption_ids) != pixels.shape[0]:
+            raise ValueError(f"{len(caption_ids)} captions for {pixels.shape[0]} images")
+        self.tokenizer.train()
+        self.text_encoder.train()
+        recon, quantized, pooled = self.tokenizer(pixels)
+        rec = config.l1_weight * F.l1_loss(recon, pixels) + config.l2_weight * F.mse_loss(
+            recon, pixels
+        )
+        zero = torch.zeros((), device=device)
+        gan_g, gan_d, sem = zero, zero, zero
+        if self.gan_active:
+            self.discriminator.requires_grad_(False)  # D is not updated by the generator loss
+            gan_g = generator_hinge_loss(self.discriminator(recon))
+            self.discriminator.requires_grad_(True)
+        if caption_ids is not None:
+            sem = contrastive_loss(pooled, self.text_encoder(caption_ids), config.temperature)
+        total = rec + quantized.loss + config.gan_weight * gan_g + config.semantic_weight * sem
+        self.generator_opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(self.generator_params, config.grad_clip)
+        self.generator_opt.step()
+        if self.gan_active:
+            gan_d = discriminator_hinge_loss(
+                self.discriminator(pixels), self.discriminator(recon.detach())
+            )
+            self.discriminator_opt.zero_grad(set_to_none=True)
+            gan_d.backward()
+            torch.nn.utils.clip_grad_norm_(self.discriminator.parameters(), config.grad_clip)
+            self.discriminator_opt.step()
+        self.global_step += 1
+        terms = (total, rec, quantized.loss, gan_g, gan_d, sem, quantized.perplexity)
+        values = torch.stack(terms).detach().tolist()  # one device sync, not one per term
+        names = ("loss", "rec", "vq", "gan_g", "gan_d", "sem", "perplexity")
+        metrics = dict(zip(names, values, strict=True))
+        return {**metrics, "usage": float(quantized.usage)}
