@@ -1,0 +1,397 @@
+"""Audio tokenizer: 16 kHz log-mel -> Whisper encoder -> downsampling -> VQ ids; mel decoder.
+
+NExT-OMNI tokenizes audio with a Whisper encoder followed by a vector quantiser and warms it
+up with a reconstruction loss (L_R + L_VQ, through a mel decoder) plus a Whisper-style caption
+loss (``tokenization.audio_trainer``). Rates, for the default ``token_rate_hz = 12.5``:
+
+    waveform (any rate, any channels) -> mono 16 kHz -> log-mel (n_mels, F), 100 frames/s
+    -> WhisperEncoder, 50 frames/s -> strided conv (stride r = 50 / token_rate_hz = 4)
+    -> (T, dim), T = ceil(ceil(F / 2) / r) -> VQ -> T * K ids
+
+The log-mel is ``transformers.WhisperFeatureExtractor(feature_size=n_mels)`` built in code
+(hop 160, n_fft 400, Slaney mel 0-8 kHz, ``(max(log10 mel, peak - 8) + 4) / 4``), i.e.
+exactly what a pretrained Whisper was trained on. ``WhisperEncoder`` only accepts inputs of
+exactly ``2 * max_source_positions`` mel frames and ignores attention masks, so a clip is cut
+into windows of that length and its last window is padded with Whisper's own padding value,
+the log-mel of digital silence (``peak - 2`` after normalisation). Every window is encoded on
+its own and tokens never straddle windows (``max_source_positions % r == 0``), so a clip's
+ids do not depend on the other clips of its batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from scipy.signal import resample_poly
+from torch import nn
+from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from infra.config import Section
+from tokenization.errors import TokenizerInputError
+from tokenization.persistence import load_component, save_component
+from tokenization.quantizer import QuantizerConfig, QuantizerOutput, VectorQuantizer
+
+SAMPLE_RATE = 16000
+HOP_LENGTH = 160  # Whisper's STFT hop
+MEL_FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100
+ENCODER_STRIDE = 2  # Whisper's conv2: 100 -> 50 frames/s
+SILENCE_BELOW_PEAK = 2.0  # Whisper's floor: 8 log10 units below the peak, divided by 4
+# WhisperConfig keys that shape the encoder; num_mel_bins comes from ``n_mels``.
+ENCODER_KEYS = frozenset(
+    "d_model encoder_layers encoder_attention_heads encoder_ffn_dim encoder_layerdrop dropout"  # noqa: SIM905
+    " attention_dropout activation_dropout activation_function scale_embedding init_std"
+    " max_source_positions".split()
+)
+# Only the encoder is built, but WhisperConfig validates its text side: a tiny vocabulary
+# with every special id inside it keeps it quiet.
+_TEXT_SIDE = dict(
+    vocab_size=4, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3
+)
+# 4 s windows (2 * 200 mel frames), ~100k parameters: for tests and the demo.
+_TINY_ENCODER = dict(
+    d_model=64,
+    encoder_layers=2,
+    encoder_attention_heads=2,
+    encoder_ffn_dim=128,
+    max_source_positions=200,
+)
+
+
+class AudioTokenizerConfig(Section):
+    """Front-end, encoder, downsampling, codebook and decoder of the audio tokenizer."""
+
+    sample_rate: Literal[16000] = Field(
+        16000, description="rate audio is resampled to; Whisper's log-mel is defined at 16 kHz"
+    )
+    n_mels: Literal[80, 128] = Field(80, description="mel bins (Whisper large-v3 uses 128)")
+    token_rate_hz: float = Field(
+        12.5, gt=0, le=50, description="token positions per second; 50 / rate must be an integer"
+    )
+    encoder_dir: str | None = Field(
+        None, description="local Whisper checkpoint (WhisperModel dir); None = random tiny encoder"
+    )
+    encoder: dict[str, Any] = Field(
+        default_factory=lambda: dict(_TINY_ENCODER),
+        description="WhisperConfig overrides (ENCODER_KEYS) used when encoder_dir is None",
+    )
+    latent_dim: int = Field(128, gt=0, description="channels of the strided downsampling conv")
+    quantizer: QuantizerConfig = Field(default_factory=QuantizerConfig)
+    decoder_channels: int = Field(
+        128, ge=2, description="mel decoder width at token rate (half of it at frame rate)"
+    )
+    decoder_blocks: int = Field(2, ge=0, description="dilated residual conv blocks per rate")
+    min_seconds: float = Field(
+        0.1, ge=0.025, description="shorter clips are rejected (0.025 s = one 400-sample FFT)"
+    )
+    silence_rms: float = Field(
+        1e-4, ge=0, description="clips whose RMS (full scale = 1) is below this are rejected"
+    )
+
+    @property
+    def downsample(self) -> int:
+        """Encoder frames (50 Hz) per token position."""
+        return round(MEL_FRAMES_PER_SECOND / ENCODER_STRIDE / self.token_rate_hz)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AudioTokenizerConfig:
+        ratio = MEL_FRAMES_PER_SECOND / ENCODER_STRIDE / self.token_rate_hz
+        if abs(ratio - round(ratio)) > 1e-9:
+            raise ValueError(f"token_rate_hz={self.token_rate_hz}: 50 / rate must be an integer")
+        unknown = set(self.encoder) - ENCODER_KEYS
+        if unknown:
+            raise ValueError(
+                f"encoder: unknown keys {sorted(unknown)}; allowed {sorted(ENCODER_KEYS)}"
+            )
+        if self.encoder_dir is None:
+            check_window(whisper_config(self), self.downsample)
+        elif self.encoder and "encoder" in self.model_fields_set:
+            raise ValueError("encoder overrides and encoder_dir are exclusive: the dir sets it")
+        return self
+
+
+def whisper_config(config: AudioTokenizerConfig) -> WhisperConfig:
+    """The WhisperConfig of the random encoder described by ``config.encoder``."""
+    return WhisperConfig(**_TEXT_SIDE, **config.encoder, num_mel_bins=config.n_mels)
+
+
+def check_window(whisper: WhisperConfig, downsample: int) -> None:
+    """Tokens must not straddle encoder windows: ``max_source_positions % downsample == 0``."""
+    if whisper.max_source_positions % downsample:
+        raise ValueError(
+            f"encoder max_source_positions={whisper.max_source_positions} must be divisible "
+            f"by the downsampling factor {downsample} (50 Hz / token_rate_hz)"
+        )
+
+
+def to_mono_16k(samples: np.ndarray, sample_rate: int, config: AudioTokenizerConfig) -> np.ndarray:
+    """Validate a waveform, ``(n,)`` or ``(n, channels)``, and return it mono at 16 kHz: (n',).
+
+    Rejections are :class:`TokenizerInputError` ``"reason: detail"`` (the stage counts
+    reasons). Integer PCM is scaled to [-1, 1]; channels are averaged; resampling is polyphase
+    (``scipy.signal.resample_poly``, Kaiser window), ``n' = ceil(n * 16000 / sample_rate)``.
+    """
+    audio = np.asarray(samples)
+    if audio.size == 0:
+        raise TokenizerInputError("empty audio: no samples")
+    if np.issubdtype(audio.dtype, np.integer):
+        audio = audio / float(np.iinfo(audio.dtype).max)
+    elif not np.issubdtype(audio.dtype, np.floating):
+        raise TokenizerInputError(f"bad audio dtype: must be numeric, got {audio.dtype}")
+    if audio.ndim not in (1, 2) or (audio.ndim == 2 and audio.shape[1] > audio.shape[0]):
+        raise TokenizerInputError(
+            f"bad audio shape: need (samples,) or (samples, channels), got {audio.shape}"
+        )
+    if audio.ndim == 2:
+        audio = audio.mean(axis=1)
+    if sample_rate <= 0 or not float(sample_rate).is_integer():
+        raise TokenizerInputError(f"bad sample rate: need a positive integer, got {sample_rate}")
+    sample_rate = int(sample_rate)
+    if not np.isfinite(audio).all():
+        raise TokenizerInputError("non-finite audio: NaN or infinite samples")
+    seconds = audio.size / sample_rate
+    if seconds < config.min_seconds:
+        raise TokenizerInputError(
+            f"audio too short: {seconds:.3f} s < min_seconds {config.min_seconds} s"
+        )
+    rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
+    if rms < config.silence_rms:
+        raise TokenizerInputError(f"silent audio: RMS {rms:.2e} < silence_rms {config.silence_rms}")
+    if sample_rate != SAMPLE_RATE:
+        g = math.gcd(SAMPLE_RATE, sample_rate)
+        audio = resample_poly(audio, SAMPLE_RATE // g, sample_rate // g)
+    return audio.astype(np.float32)
+
+
+def pad_mels(mels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch log-mels ``(n_mels, F_i)`` into ``(B, n_mels, max F_i)`` and lengths ``(B,)``."""
+    lengths = torch.tensor([m.shape[-1] for m in mels], dtype=torch.long)
+    batch = mels[0].new_zeros(len(mels), mels[0].shape[0], int(lengths.max()))
+    for i, mel in enumerate(mels):
+        batch[i, :, : mel.shape[-1]] = mel
+    return batch, lengths
+
+
+class ResidualConv(nn.Module):
+    """``x + conv1x1(gelu(conv3_dilated(gelu(x))))`` on (B, C, L); length preserved."""
+
+    def __init__(self, channels: int, dilation: int) -> None:
+        super().__init__()
+        self.dilated = nn.Conv1d(channels, channels, 3, padding=dilation, dilation=dilation)
+        self.mix = nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mix(F.gelu(self.dilated(F.gelu(x))))
+
+
+class MelDecoder(nn.Module):
+    """Quantized vectors (B, T, dim) -> log-mel (B, n_mels, T * upsample).
+
+    Residual convs at token rate, one transposed conv (kernel 2u, stride u) up to the mel
+    frame rate, residual convs there; ``upsample = 2 * downsample`` is always even.
+    """
+
+    def __init__(self, config: AudioTokenizerConfig) -> None:
+        super().__init__()
+        wide, narrow = config.decoder_channels, config.decoder_channels // 2
+        up = 2 * config.downsample
+        blocks = range(config.decoder_blocks)
+        self.tokens = nn.Sequential(
+            nn.Conv1d(config.quantizer.dim, wide, 3, padding=1),
+            *[ResidualConv(wide, 3**i) for i in blocks],
+        )
+        self.upsample = nn.ConvTranspose1d(wide, narrow, 2 * up, stride=up, padding=up // 2)
+        self.frames = nn.Sequential(
+            *[ResidualConv(narrow, 3**i) for i in blocks],
+            nn.GELU(),
+            nn.Conv1d(narrow, config.n_mels, 3, padding=1),
+        )
+
+    def forward(self, quantized: torch.Tensor) -> torch.Tensor:
+        return self.frames(self.upsample(self.tokens(quantized.transpose(1, 2))))
+
+
+class AudioTokenizer(nn.Module):
+    """Waveforms -> audio ids ``[0, vocab_size)`` and ids -> log-mel; see the module docstring."""
+
+    def __init__(self, config: AudioTokenizerConfig, encoder: WhisperEncoder) -> None:
+        super().__init__()
+        if encoder.config.num_mel_bins != config.n_mels:
+            raise ValueError(
+                f"encoder takes {encoder.config.num_mel_bins} mel bins, n_mels={config.n_mels}"
+            )
+        check_window(encoder.config, config.downsample)
+        self.config = config
+        self.encoder = encoder
+        self.window = ENCODER_STRIDE * encoder.config.max_source_positions  # mel frames
+        self.downsample = nn.Conv1d(
+            encoder.config.d_model, config.latent_dim, config.downsample, stride=config.downsample
+        )
+        self.project = nn.Linear(config.latent_dim, config.quantizer.dim)
+        self.quantizer = VectorQuantizer(config.quantizer)
+        self.decoder = MelDecoder(config)
+        self.feature_extractor = WhisperFeatureExtractor(feature_size=config.n_mels)
+
+    @classmethod
+    def from_config(cls, config: AudioTokenizerConfig) -> AudioTokenizer:
+        """Encoder from ``config.encoder_dir`` (float32) or random from ``config.encoder``."""
+        if config.encoder_dir is None:
+            return cls(config, WhisperEncoder(whisper_config(config)))
+        whisper = WhisperModel.from_pretrained(config.encoder_dir, dtype=torch.float32)
+        return cls(config, whisper.encoder)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> AudioTokenizer:
+        """Load what :meth:`save_pretrained` wrote; needs no Whisper checkpoint."""
+        config, state = load_component(directory, AudioTokenizerConfig)
+        tokenizer = cls.from_config(config)
+        tokenizer.load_state_dict(state)
+        return tokenizer
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (Whisper encoder weights included).
+
+        The saved config names the encoder's architecture instead of ``encoder_dir``, so the
+        directory is self-contained.
+        """
+        architecture = {key: getattr(self.encoder.config, key) for key in ENCODER_KEYS}
+        config = self.config.model_copy(update={"encoder_dir": None, "encoder": architecture})
+        save_component(directory, config, self)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.quantizer.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.project.weight.device
+
+    def tokens_for_seconds(self, seconds: float) -> int:
+        """Ids for a clip of ``seconds``: ``ceil(ceil(F / 2) / r) * K``, F = mel frames."""
+        frames = torch.tensor([round(seconds * SAMPLE_RATE) // HOP_LENGTH])
+        return int(self.token_lengths(frames)[0]) * self.quantizer.tokens_per_vector
+
+    def token_lengths(self, frame_lengths: torch.Tensor) -> torch.Tensor:
+        """Token positions (not ids) per clip for mel lengths (B,) -> (B,)."""
+        encoder_frames = (frame_lengths + ENCODER_STRIDE - 1) // ENCODER_STRIDE
+        return (encoder_frames + self.config.downsample - 1) // self.config.downsample
+
+    def codebook_vectors(self) -> torch.Tensor:
+        """(vocab_size, dim / K): the vector of every id, for the backbone's embeddings."""
+        return self.quantizer.codebook_vectors()
+
+    def preprocess(self, samples: np.ndarray, sample_rate: int) -> torch.Tensor:
+        """Waveform ``(n,)`` or ``(n, channels)`` -> Whisper log-mel (n_mels, F), F = n' // 160.
+
+        Raises :class:`TokenizerInputError` for empty, too short, non-finite or silent audio.
+        """
+        audio = to_mono_16k(samples, sample_rate, self.config)
+        mel = self.feature_extractor(
+            audio, sampling_rate=SAMPLE_RATE, padding="longest", truncation=False
+        )
+        return torch.from_numpy(mel["input_features"][0])
+
+    def encoder_features(self, mels: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Whisper hidden states over windows: (B, n_mels, F), (B,) -> (B, W * P, d_model).
+
+        Only a clip's own windows are encoded (all clips' windows in one encoder batch);
+        windows past a clip's end stay zero.
+        """
+        batch, bins, _ = mels.shape
+        counts = (lengths + self.window - 1) // self.window  # windows per clip (B,)
+        span = int(counts.max()) * self.window
+        mels = mels[..., :span]
+        mels = F.pad(mels, (0, span - mels.shape[-1]))
+        valid = (torch.arange(span, device=mels.device) < lengths[:, None]).unsqueeze(1)
+        peak = mels.masked_fill(~valid, -torch.inf).amax(dim=(1, 2), keepdim=True)
+        mels = torch.where(valid, mels, peak - SILENCE_BELOW_PEAK)
+        windows = mels.reshape(batch, bins, -1, self.window).transpose(1, 2)  # (B, W, bins, 2P)
+        keep = torch.arange(windows.shape[1], device=mels.device) < counts[:, None]  # (B, W)
+        hidden = self.encoder(windows[keep]).last_hidden_state  # (sum counts, P, d)
+        out = hidden.new_zeros(*keep.shape, *hidden.shape[1:])
+        out[keep] = hidden
+        return out.flatten(1, 2)
+
+    def quantize(
+        self, mels: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[QuantizerOutput, torch.Tensor]:
+        """Log-mels (B, n_mels, F), lengths (B,) -> (QuantizerOutput, token lengths (B,)).
+
+        Only valid positions reach the quantiser (padding must not move the EMA codebook or
+        the usage statistics); ``quantized`` is (B, T, dim), zero past each clip's end, and
+        ``ids`` is (B, T * K), ``-1`` past it.
+        """
+        if int(lengths.min()) < 1:
+            raise ValueError(f"every clip needs at least one mel frame, got lengths {lengths}")
+        lengths = lengths.to(mels.device)
+        token_lengths = self.token_lengths(lengths)
+        hidden = self.encoder_features(mels, lengths).transpose(1, 2)  # (B, d, W * P)
+        latent = F.gelu(self.downsample(hidden)[..., : int(token_lengths.max())])
+        z = self.project(latent.transpose(1, 2))  # (B, T, dim)
+        valid = torch.arange(z.shape[1], device=z.device) < token_lengths[:, None]
+        out = self.quantizer(z[valid].unsqueeze(0))
+        quantized = z.new_zeros(z.shape)
+        quantized[valid] = out.quantized[0]
+        k = self.quantizer.tokens_per_vector
+        ids = torch.full((*z.shape[:2], k), -1, dtype=torch.long, device=z.device)
+        ids[valid] = out.ids.reshape(-1, k)
+        result = QuantizerOutput(quantized, ids.flatten(1), out.loss, out.perplexity, out.usage)
+        return result, token_lengths
+
+    def forward(
+        self, mels: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, QuantizerOutput, torch.Tensor, torch.Tensor]:
+        """Training pass: (reconstructed (B, n_mels, F), VQ output, quantized (B, T, dim),
+        token lengths (B,)); reconstruction is valid up to each clip's ``lengths``."""
+        out, token_lengths = self.quantize(mels, lengths)
+        reconstructed = self.decoder(out.quantized)[..., : mels.shape[-1]]
+        return reconstructed, out, out.quantized, token_lengths
+
+    @torch.inference_mode()
+    def encode(self, clips: list[tuple[np.ndarray, int]]) -> list[torch.Tensor]:
+        """``[(samples, sample_rate), ...]`` -> one CPU LongTensor of ids (T_i * K,) per clip.
+
+        Clips are batched with padding; ``T_i = tokens_for_seconds(seconds_i) / K``. A clip
+        :meth:`preprocess` rejects fails the call with its index in the message.
+        """
+        if not clips:
+            return []
+        mels = []
+        for index, (samples, rate) in enumerate(clips):
+            try:
+                mels.append(self.preprocess(samples, rate))
+            except TokenizerInputError as error:
+                raise TokenizerInputError(f"{error} (clip {index})") from error
+        mels, lengths = pad_mels(mels)
+        with _eval_mode(self):
+            out, token_lengths = self.quantize(mels.to(self.device), lengths)
+        k = self.quantizer.tokens_per_vector
+        return [row[: int(n) * k].cpu() for row, n in zip(out.ids, token_lengths, strict=True)]
+
+    @torch.inference_mode()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """Ids (T * K,) -> log-mel (n_mels, T * 2 * r) on CPU (no vocoder)."""
+        if ids.ndim != 1 or ids.numel() % self.quantizer.tokens_per_vector:
+            raise ValueError(f"ids must be 1-D, a multiple of K long; got {tuple(ids.shape)}")
+        with _eval_mode(self):
+            vectors = self.quantizer.ids_to_vectors(ids.to(self.device).unsqueeze(0))
+            return self.decoder(vectors)[0].cpu()
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` in eval mode (no dropout, no codebook update), then restore its mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)

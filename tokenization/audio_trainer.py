@@ -1,0 +1,163 @@
+"""Warm-up of the audio tokenizer: ``L = w_R * L_R + L_VQ + w_cap * L_cap`` (NExT-OMNI).
+
+- ``L_R``: L1 between the decoded and the input log-mel over each clip's valid frames;
+- ``L_VQ``: the quantiser's commitment (and codebook) term, see ``tokenization.quantizer``;
+- ``L_cap``: the Whisper-style token-level caption alignment: a small transformer decoder
+  cross-attends to the quantized features (B, T, dim) and predicts the transcript's BPE ids
+  with teacher forcing, ``-sum_j log p(y_j | y_<j, z_q)`` averaged over tokens. It pulls the
+  codes towards what is said, while ``L_R`` keeps the details needed to redraw the mel.
+
+The caption decoder only exists for this loss: it is not part of the saved tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import chain
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from infra.config import Section
+from tokenization.audio import AudioTokenizer
+
+
+class AudioTrainerConfig(Section):
+    """Optimiser, loss weights and caption decoder of the audio tokenizer warm-up."""
+
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
+    reconstruction_weight: float = Field(1.0, ge=0, description="w_R of the mel L1")
+    caption_weight: float = Field(0.5, ge=0, description="w_cap of the caption cross-entropy")
+    text_vocab_size: int = Field(
+        32000, gt=0, description="transcript ids are in [0, text_vocab_size) (the BPE vocab)"
+    )
+    caption_dim: int = Field(128, gt=0, description="caption decoder width")
+    caption_layers: int = Field(2, ge=1, description="caption decoder layers")
+    caption_heads: int = Field(4, ge=1, description="caption decoder attention heads")
+
+
+def sinusoids(length: int, dim: int, device: torch.device) -> torch.Tensor:
+    """Transformer sinusoidal positions (Vaswani et al. 2017): (length, dim)."""
+    position = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    frequency = torch.exp(
+        torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim)
+    )
+    table = torch.zeros(length, dim, device=device)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency[: dim // 2])
+    return table
+
+
+def masked_mel_l1(a: torch.Tensor, b: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Mean |a - b| over mel bins and valid frames: (B, n_mels, F) x2, (B,) -> scalar."""
+    valid = torch.arange(a.shape[-1], device=a.device) < lengths.to(a.device)[:, None]
+    valid = valid.unsqueeze(1).expand_as(a)
+    return (a - b).abs()[valid].mean()
+
+
+@torch.no_grad()
+def mel_l1(a: torch.Tensor, b: torch.Tensor, lengths: torch.Tensor) -> float:
+    """:func:`masked_mel_l1` as a number, for evaluation."""
+    return float(masked_mel_l1(a, b, lengths))
+
+
+class CaptionDecoder(nn.Module):
+    """Causal transformer decoder over text ids, cross-attending to quantized audio features.
+
+    Ids ``[0, V)`` are the transcript's, ``V`` is BOS (input only) and the head predicts
+    ``[0, V]`` where ``V`` stands for EOS. Positions are sinusoidal on both sides, so
+    neither transcripts nor clips have a length limit.
+    """
+
+    def __init__(self, feature_dim: int, config: AudioTrainerConfig) -> None:
+        super().__init__()
+        self.vocab = config.text_vocab_size
+        self.memory = nn.Linear(feature_dim, config.caption_dim)
+        self.embed = nn.Embedding(self.vocab + 1, config.caption_dim)
+        layer = nn.TransformerDecoderLayer(
+            config.caption_dim,
+            config.caption_heads,
+            4 * config.caption_dim,
+            dropout=0.0,
+            batch_first=True,
+            norm_first=True,
+        )
+        self.layers = nn.TransformerDecoder(layer, config.caption_layers)
+        self.norm = nn.LayerNorm(config.caption_dim)
+        self.head = nn.Linear(config.caption_dim, self.vocab + 1)
+
+    def forward(
+        self, features: torch.Tensor, token_lengths: torch.Tensor, transcripts: list[list[int]]
+    ) -> torch.Tensor:
+        """Teacher-forced cross-entropy: features (B, T, dim), lengths (B,) -> scalar."""
+        if len(transcripts) != features.shape[0]:
+            raise ValueError(f"{len(transcripts)} transcripts for {features.shape[0]} clips")
+        if any(not 0 <= i < self.vocab for ids in transcripts for i in ids):
+            raise ValueError(f"transcript ids must be in [0, {self.vocab})")
+        device, eos = features.device, self.vocab
+        longest = max(len(ids) for ids in transcripts) + 1
+        inputs = torch.full((len(transcripts), longest), eos, dtype=torch.long)
+        targets = torch.full_like(inputs, -100)  # ignored by cross_entropy
+        for row, ids in enumerate(transcripts):
+            inputs[row, : len(ids) + 1] = torch.tensor([self.vocab, *ids])  # BOS = V
+            targets[row, : len(ids) + 1] = torch.tensor([*ids, eos])
+        inputs, targets = inputs.to(device), targets.to(device)
+        dim = self.embed.embedding_dim
+        memory = self.memory(features) + sinusoids(features.shape[1], dim, device)
+        text = self.embed(inputs) + sinusoids(longest, dim, device)
+        causal = torch.triu(torch.ones(longest, longest, dtype=torch.bool, device=device), 1)
+        padding = torch.arange(features.shape[1], device=device) >= token_lengths[:, None]
+        hidden = self.layers(text, memory, tgt_mask=causal, memory_key_padding_mask=padding)
+        logits = self.head(self.norm(hidden))  # (B, L, V + 1)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+class AudioTokenizerTrainer:
+    """One optimiser over the tokenizer and the caption decoder; :meth:`step` is one update."""
+
+    def __init__(self, tokenizer: AudioTokenizer, config: AudioTrainerConfig) -> None:
+        self.tokenizer = tokenizer
+        self.config = config
+        self.caption = CaptionDecoder(tokenizer.config.quantizer.dim, config).to(tokenizer.device)
+        parameters = chain(tokenizer.parameters(), self.caption.parameters())
+        self.trainable = [p for p in parameters if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+
+    def step(
+        self,
+        mels: torch.Tensor,
+        lengths: torch.Tensor,
+        transcript_ids: list[list[int]] | None = None,
+    ) -> dict[str, float]:
+        """One update on log-mels (B, n_mels, F) with valid lengths (B,).
+
+        Returns ``loss``, ``reconstruction`` (L_R), ``vq`` (L_VQ), ``caption`` (L_cap, only
+        with transcripts), ``usage`` (fraction of codes used in the batch), ``perplexity``.
+        """
+        self.tokenizer.train()
+        self.caption.train()
+        mels, lengths = mels.to(self.tokenizer.device), lengths.to(self.tokenizer.device)
+        reconstructed, vq, features, token_lengths = self.tokenizer(mels, lengths)
+        reconstruction = masked_mel_l1(reconstructed, mels, lengths)
+        loss = self.config.reconstruction_weight * reconstruction + vq.loss
+        metrics = {"reconstruction": reconstruction.item(), "vq": vq.loss.item()}
+        if transcript_ids is not None:
+            caption = self.caption(features, token_lengths, transcript_ids)
+            loss = loss + self.config.caption_weight * caption
+            metrics["caption"] = caption.item()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip)
+        self.optimizer.step()
+        return {
+            "loss": loss.item(),
+            **metrics,
+            "usage": vq.usage,
+            "perplexity": float(vq.perplexity),
+        }
