@@ -16,6 +16,7 @@ from infra.storage import StorageError
 from pipelines.config import load_pipeline_config
 from pipelines.ray_units import UnitFailed
 from pipelines.shard import ShardConfig
+from tokenization.config import WarmupConfig
 
 app = typer.Typer(
     help="Omnimodal discrete-flow-matching pipeline: shard -> pretokenize -> train -> evaluate.",
@@ -96,6 +97,71 @@ def shard(config: ConfigOption, set_: SetOption = None) -> None:
     except (FileNotFoundError, StorageError, UnitFailed) as exc:
         _fail(str(exc), 1)
     render_shard_report(report, console)
+
+
+tokenizers_app = typer.Typer(
+    help="Train (warm up) and evaluate the image, audio and text tokenizers.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+app.add_typer(tokenizers_app, name="tokenizers")
+
+
+@tokenizers_app.command("train", epilog=settings_help("tokenizers.warmup", WarmupConfig))
+def tokenizers_train(config: ConfigOption, set_: SetOption = None) -> None:
+    """Warm the tokenizers up on `<workspace>/shards/` and save them.
+
+    Trains the byte-level BPE on every text, the image VQ-VAE on images and video frames
+    (reconstruction, patch-GAN and caption-contrastive losses) and the Whisper+VQ audio
+    tokenizer on clips (mel reconstruction and transcript alignment), within the step and
+    time budget of `tokenizers.warmup`. Held-out reconstruction is measured before and
+    after; losses, codebook usage and reconstruction grids go to MLflow. Writes
+    `<workspace>/tokenizers/{text,image,audio}/`, `vocab_layout.json` and `_SUCCESS.json`.
+    """
+    from pipelines import tokenizers_stage
+    from pipelines.summary import render_tokenizers_report
+
+    try:
+        pipeline = load_pipeline_config(config, set_ or [])
+        report = tokenizers_stage.run(pipeline)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    except (FileNotFoundError, StorageError) as exc:
+        _fail(str(exc), 1)
+    render_tokenizers_report(report, console)
+
+
+@tokenizers_app.command("eval")
+def tokenizers_eval(
+    config: ConfigOption,
+    media: Annotated[Path, typer.Option("--media", help="Folder of images, audio and video.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Reconstruction quality of the trained tokenizers on any folder of media.
+
+    Image PSNR (images and video frames), audio mel-L1, codebook usage and tokens per
+    item; files a tokenizer refuses are listed with the reason.
+    """
+    import json
+
+    from pipelines import tokenizers_stage
+    from pipelines.summary import quality_table
+
+    try:
+        pipeline = load_pipeline_config(config, set_ or [])
+        result = tokenizers_stage.evaluate_media(pipeline, media)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    except (FileNotFoundError, StorageError) as exc:
+        _fail(str(exc), 1)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    items = ", ".join(f"{count} {kind}" for kind, count in result["items"].items())
+    console.print(quality_table(f"tokenizers on {media} ({items})", {"value": result}))
+    for name, reason in result["rejected"].items():
+        console.print(f"rejected {name}: {reason}")
 
 
 if __name__ == "__main__":

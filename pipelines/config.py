@@ -17,6 +17,7 @@ from infra.storage import StorageConfig
 from infra.tracking import MlflowConfig
 from pipelines.corpus import CorpusConfig
 from pipelines.shard import ShardConfig
+from tokenization.config import TokenizersConfig
 
 
 class PendingSection(Section):
@@ -32,7 +33,7 @@ class PipelineConfig(Section):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     shard: ShardConfig = Field(default_factory=ShardConfig)
-    tokenizers: PendingSection = Field(default_factory=PendingSection)
+    tokenizers: TokenizersConfig = Field(default_factory=TokenizersConfig)
     pretokenize: PendingSection = Field(default_factory=PendingSection)
     model: PendingSection = Field(default_factory=PendingSection)
     train: PendingSection = Field(default_factory=PendingSection)

@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipelines.shard import ShardReport
+from pipelines.tokenizers_stage import TokenizersReport
 
 
 def _spread(values: list[int]) -> str:
@@ -44,5 +45,52 @@ def render_shard_report(report: ShardReport, console: Console) -> None:
             reasons.add_row(reason, f"{count:,}")
         console.print(reasons)
         console.print(f"details: {report.stage_dir}/quarantine.parquet")
+    for note in report.notes:
+        console.print(f"note: {note}")
+
+
+QUALITY_ROWS = (
+    ("image_psnr", "image PSNR (dB, higher is better)", "{:.2f}"),
+    ("image_usage", "image codebook usage", "{:.1%}"),
+    ("audio_mel_l1", "audio mel-L1 (lower is better)", "{:.4f}"),
+    ("audio_usage", "audio codebook usage", "{:.1%}"),
+    ("image_tokens_per_item", "tokens per image", "{:.0f}"),
+    ("audio_tokens_per_item", "tokens per audio clip (mean)", "{:.1f}"),
+    ("video_tokens_per_item", "tokens per video", "{:.0f}"),
+)
+
+
+def quality_table(title: str, columns: dict[str, dict[str, float]]) -> Table:
+    """Metrics as rows, one column per measurement (e.g. before / after)."""
+    table = Table("metric", *columns, title=title, title_justify="left")
+    for key, label, fmt in QUALITY_ROWS:
+        if any(key in values for values in columns.values()):
+            cells = [fmt.format(v[key]) if key in v else "-" for v in columns.values()]
+            table.add_row(label, *cells)
+    return table
+
+
+def render_tokenizers_report(report: TokenizersReport, console: Console) -> None:
+    """Data used, steps run and held-out quality before and after the warm-up."""
+    status = "skipped (already done)" if report.skipped else "done"
+    table = Table(title=f"omni tokenizers train: {status}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("output", report.stage_dir)
+    if not report.skipped:
+        table.add_row("texts (BPE)", f"{report.texts:,}")
+        table.add_row("images train / held out", "{:,} / {:,}".format(*report.images))
+        table.add_row("audio clips train / held out", "{:,} / {:,}".format(*report.audio))
+        for name, steps in report.steps.items():
+            table.add_row(f"{name} steps", f"{steps:,}")
+        for reason, count in report.rejected_media.items():
+            table.add_row(f"rejected: {reason}", f"{count:,}")
+    table.add_row("unified vocabulary", f"{report.vocab_size:,}")
+    table.add_row("MLflow run", report.run_id or "-")
+    table.add_row("seconds", f"{report.seconds:.1f}")
+    console.print(table)
+    console.print(
+        quality_table("held-out reconstruction", {"before": report.before, "after": report.after})
+    )
     for note in report.notes:
         console.print(f"note: {note}")

@@ -1,0 +1,319 @@
+"""``omni tokenizers train | eval``: warm the tokenizers up on the shards, and measure them.
+
+train: reads ``<workspace>/shards/``, trains the BPE text tokenizer on every text, then the
+image tokenizer (images and sampled video frames, with captions) and the audio tokenizer
+(clips with transcripts) for a step and time budget, measures held-out quality before and
+after, logs it all to MLflow (losses, usage, reconstruction grids) and saves
+``<workspace>/tokenizers/`` with ``_SUCCESS.json`` last.
+eval: loads the saved tokenizers and reports reconstruction quality on any media folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import soundfile
+import torch
+
+from infra.config import fingerprint
+from infra.storage import Storage, is_remote, join
+from infra.tracking import tracked_run
+from pipelines.corpus import absolute
+from pipelines.documents import extension_of, media_type_of
+from pipelines.stage_state import SUCCESS, read_marker, read_parquet, success_payload, write_marker
+from tokenization.audio import AudioTokenizer
+from tokenization.bundle import Tokenizers
+from tokenization.errors import TokenizerInputError
+from tokenization.image import ImageTokenizer
+from tokenization.text import TextTokenizer
+from tokenization.video import VideoTokenizer, read_frames
+from tokenization.warmup import (
+    AudioSample,
+    ImageSample,
+    LoopBudget,
+    WarmupData,
+    evaluate_audio,
+    evaluate_images,
+    reconstruction_grid,
+    train_audio,
+    train_images,
+)
+
+if TYPE_CHECKING:
+    from pipelines.config import PipelineConfig
+
+STAGE = "tokenizers"
+
+
+@dataclass
+class TokenizersReport:
+    """What a warm-up did: data used, steps run, quality before and after."""
+
+    stage_dir: str
+    skipped: bool
+    texts: int = 0
+    images: tuple[int, int] = (0, 0)  # (train, held out)
+    audio: tuple[int, int] = (0, 0)
+    rejected_media: dict[str, int] = field(default_factory=dict)
+    steps: dict[str, int] = field(default_factory=dict)
+    before: dict[str, float] = field(default_factory=dict)
+    after: dict[str, float] = field(default_factory=dict)
+    vocab_size: int = 0
+    run_id: str | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def _device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def _held_out(document_id: str, fraction: float) -> bool:
+    """Deterministic split by document: the same documents are held out on every run."""
+    bucket = int(hashlib.sha1(document_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return bucket < fraction
+
+
+def _documents(storage: Storage, shards_dir: str) -> Iterator[dict[str, Any]]:
+    manifest = read_parquet(storage, join(shards_dir, "manifest.parquet"))
+    for path in manifest["path"].to_pylist():
+        yield from read_parquet(storage, join(shards_dir, path)).to_pylist()
+
+
+def _nearest_text(segments: list[dict[str, Any]], position: int) -> str | None:
+    """The caption of a medium: the next text segment, else the previous one."""
+    after = [s["text"] for s in segments[position + 1 :] if s["type"] == "text"]
+    before = [s["text"] for s in segments[:position] if s["type"] == "text"]
+    return after[0] if after else (before[-1] if before else None)
+
+
+def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
+    """Samples (frames,) or (frames, channels) and the rate; shards hold validated audio."""
+    samples, rate = soundfile.read(io.BytesIO(data), dtype="float32")
+    return samples, rate
+
+
+def collect(
+    documents: Iterator[dict[str, Any]],
+    image: ImageTokenizer,
+    audio: AudioTokenizer,
+    video: VideoTokenizer,
+    eval_fraction: float,
+) -> tuple[WarmupData, Counter[str]]:
+    """Turn shard documents into warm-up samples; media a tokenizer refuses are counted.
+
+    Video frames train the image tokenizer too: a video is tokenized as its frames.
+    """
+    data, rejected = WarmupData(), Counter()
+    for document in documents:
+        held_out = _held_out(document["id"], eval_fraction)
+        images = data.eval_images if held_out else data.train_images
+        clips = data.eval_audio if held_out else data.train_audio
+        segments = document["segments"]
+        for position, segment in enumerate(segments):
+            kind = segment["type"]
+            try:
+                if kind == "text":
+                    data.texts.append(segment["text"])
+                elif kind == "image":
+                    pixels = image.preprocess(segment["bytes"])
+                    images.append(ImageSample(pixels, _nearest_text(segments, position)))
+                elif kind == "video":
+                    caption = _nearest_text(segments, position)
+                    frames = read_frames(segment["bytes"], video.frames)
+                    images += [ImageSample(f, caption) for f in video.frames_to_pixels(frames)]
+                elif kind == "audio":
+                    mel = audio.preprocess(*decode_audio(segment["bytes"]))
+                    clips.append(AudioSample(mel, _nearest_text(segments, position)))
+            except TokenizerInputError as error:
+                rejected[f"{kind}: {str(error).split(':')[0]}"] += 1
+    return data, rejected
+
+
+def _publish(storage: Storage, local: Path, target: str) -> None:
+    """Copy a saved tokenizer folder to the workspace (a no-op copy when it is local)."""
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            storage.write_bytes(join(target, str(path.relative_to(local))), path.read_bytes())
+
+
+def run(config: PipelineConfig) -> TokenizersReport:
+    """Warm the tokenizers up on the shards; skipped when already done with this config."""
+    started = time.time()
+    storage = Storage(config.storage)
+    workspace = absolute(config.workspace)
+    shards_dir, stage_dir = join(workspace, "shards"), join(workspace, STAGE)
+    shards_done = read_marker(storage, shards_dir, SUCCESS)
+    if shards_done is None:
+        raise FileNotFoundError(f"{shards_dir}/_SUCCESS.json not found: run `omni shard` first")
+    stage_fingerprint = fingerprint(STAGE, config.tokenizers, shards_done["fingerprint"])
+    success = read_marker(storage, stage_dir, SUCCESS)
+    if success and success.get("fingerprint") == stage_fingerprint:
+        return TokenizersReport(
+            stage_dir,
+            True,
+            before=success["before"],
+            after=success["after"],
+            vocab_size=success["vocab_size"],
+            run_id=success.get("run_id"),
+            seconds=time.time() - started,
+            notes=["already done with this config: nothing to do"],
+        )
+
+    settings = config.tokenizers
+    warmup = settings.warmup
+    torch.manual_seed(warmup.seed)
+    device = _device(warmup.device)
+    image = ImageTokenizer.from_config(settings.image).to(device)
+    audio = AudioTokenizer.from_config(settings.audio).to(device)
+    video = VideoTokenizer(image, settings.video)
+    data, rejected = collect(
+        _documents(storage, shards_dir), image, audio, video, warmup.eval_fraction
+    )
+    text = TextTokenizer.from_config(settings.text, data.texts)
+    # The caption encoders of the warm-up objectives read the BPE ids just trained.
+    image_trainer = settings.image_trainer.model_copy(update={"text_vocab_size": text.vocab_size})
+    audio_trainer = settings.audio_trainer.model_copy(update={"text_vocab_size": text.vocab_size})
+    report = TokenizersReport(
+        stage_dir,
+        False,
+        texts=len(data.texts),
+        images=(len(data.train_images), len(data.eval_images)),
+        audio=(len(data.train_audio), len(data.eval_audio)),
+        rejected_media=dict(rejected),
+    )
+    with tracked_run(config.mlflow, workspace, "tokenizers-warmup", {"stage": STAGE}) as tracker:
+        tracker.log_params(settings, prefix="tokenizers.")
+        report.run_id = tracker.run_id
+        report.before = {
+            **evaluate_images(image, data.eval_images),
+            **evaluate_audio(audio, data.eval_audio),
+        }
+        tracker.log_metrics({f"before/{k}": v for k, v in report.before.items()}, step=0)
+        if data.eval_images:
+            tracker.log_bytes(reconstruction_grid(image, data.eval_images), "before.png", "images")
+        total_steps = max(1, warmup.image_steps + warmup.audio_steps)
+        seconds = warmup.max_seconds or float("inf")
+        image_deadline = time.monotonic() + seconds * warmup.image_steps / total_steps
+        budget = LoopBudget(
+            warmup.image_steps,
+            warmup.image_batch,
+            warmup.seed,
+            image_deadline,
+            tracker.log_metrics,
+            warmup.log_every,
+        )
+        report.steps["image"] = train_images(image, image_trainer, data.train_images, text, budget)
+        audio_deadline = time.monotonic() + seconds * warmup.audio_steps / total_steps
+        budget = LoopBudget(
+            warmup.audio_steps,
+            warmup.audio_batch,
+            warmup.seed,
+            audio_deadline,
+            tracker.log_metrics,
+            warmup.log_every,
+        )
+        report.steps["audio"] = train_audio(audio, audio_trainer, data.train_audio, text, budget)
+        report.after = {
+            **evaluate_images(image, data.eval_images),
+            **evaluate_audio(audio, data.eval_audio),
+        }
+        tracker.log_metrics({f"after/{k}": v for k, v in report.after.items()}, step=0)
+        if data.eval_images:
+            tracker.log_bytes(reconstruction_grid(image, data.eval_images), "after.png", "images")
+        tokenizers = Tokenizers(text, image.eval(), audio.eval(), video)
+        report.vocab_size = tokenizers.layout.size
+        with tempfile.TemporaryDirectory() as scratch:
+            tokenizers.save(scratch)
+            _publish(storage, Path(scratch), stage_dir)
+        tracker.set_tags(
+            {"tokenizers.uri": stage_dir, "vocab.fingerprint": tokenizers.layout.fingerprint()}
+        )
+    report.seconds = time.time() - started
+    write_marker(
+        storage,
+        stage_dir,
+        SUCCESS,
+        success_payload(
+            STAGE,
+            stage_fingerprint,
+            started,
+            before=report.before,
+            after=report.after,
+            steps=report.steps,
+            vocab_size=report.vocab_size,
+            run_id=report.run_id,
+            layout=tokenizers.layout.fingerprint(),
+            rejected_media=report.rejected_media,
+        ),
+    )
+    return report
+
+
+def load_tokenizers(config: PipelineConfig, device: str = "cpu") -> Tokenizers:
+    """The tokenizers saved by ``omni tokenizers train`` in this config's workspace."""
+    storage = Storage(config.storage)
+    stage_dir = join(absolute(config.workspace), STAGE)
+    if read_marker(storage, stage_dir, SUCCESS) is None:
+        raise FileNotFoundError(f"{stage_dir}/_SUCCESS.json not found: run `omni tokenizers train`")
+    if not is_remote(stage_dir):
+        return Tokenizers.load(stage_dir, device)
+    scratch = Path(tempfile.mkdtemp(prefix="tokenizers-"))
+    for name in (
+        "text/tokenizer.json",
+        "text/text_config.json",
+        "image/config.json",
+        "image/model.safetensors",
+        "audio/config.json",
+        "audio/model.safetensors",
+        "video.json",
+        "vocab_layout.json",
+    ):
+        (scratch / name).parent.mkdir(parents=True, exist_ok=True)
+        (scratch / name).write_bytes(storage.read_bytes(join(stage_dir, name)))
+    return Tokenizers.load(scratch, device)
+
+
+def evaluate_media(config: PipelineConfig, media_dir: Path) -> dict[str, Any]:
+    """Reconstruction quality of the saved tokenizers on every medium under ``media_dir``."""
+    if not media_dir.is_dir():
+        raise FileNotFoundError(f"--media: no such folder: {media_dir}")
+    tokenizers = load_tokenizers(config)
+    images: list[ImageSample] = []
+    clips: list[AudioSample] = []
+    counts: Counter[str] = Counter()
+    rejected: dict[str, str] = {}
+    for path in sorted(p for p in media_dir.rglob("*") if p.is_file()):
+        kind = media_type_of(extension_of(path.name))
+        if kind is None:
+            continue
+        try:
+            if kind == "image":
+                images.append(ImageSample(tokenizers.image.preprocess(path.read_bytes())))
+            elif kind == "video":
+                frames = read_frames(path.read_bytes(), tokenizers.video.frames)
+                images += [ImageSample(f) for f in tokenizers.video.frames_to_pixels(frames)]
+            else:
+                clips.append(
+                    AudioSample(tokenizers.audio.preprocess(*decode_audio(path.read_bytes())))
+                )
+            counts[kind] += 1
+        except (TokenizerInputError, RuntimeError, soundfile.LibsndfileError) as error:
+            rejected[str(path.relative_to(media_dir))] = str(error)
+    result: dict[str, Any] = {"items": dict(counts), "rejected": rejected}
+    result.update(evaluate_images(tokenizers.image, images))
+    result.update(evaluate_audio(tokenizers.audio, clips))
+    if counts["video"]:
+        result["video_tokens_per_item"] = float(tokenizers.video.tokens_per_video)
+    return result

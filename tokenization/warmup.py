@@ -1,0 +1,198 @@
+"""The tokenizer warm-up: train the image and audio tokenizers, measure them before and after.
+
+NExT-OMNI warms its encoders up with reconstruction plus semantic alignment
+(L_total = L_rec + L_sem) before DFM training; the trainers own the losses, this module
+owns the loop: sampling batches, the step and time budget, logging, and the held-out
+quality measures (image PSNR, audio mel-L1, codebook usage) that tell whether it worked.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from tokenization.audio import AudioTokenizer, pad_mels
+from tokenization.audio_trainer import AudioTokenizerTrainer, AudioTrainerConfig, mel_l1
+from tokenization.image import ImageTokenizer
+from tokenization.image_trainer import ImageTokenizerTrainer, ImageTrainerConfig, psnr
+from tokenization.text import TextTokenizer
+
+MetricsLogger = Callable[[dict[str, float], int], None]
+StepFunction = Callable[[list[int]], dict[str, float]]
+
+
+@dataclass
+class ImageSample:
+    """One training image: ``pixels`` (3, R, R) in [0, 1] and its caption, if any."""
+
+    pixels: torch.Tensor
+    caption: str | None = None
+
+
+@dataclass
+class AudioSample:
+    """One clip: ``mel`` (n_mels, frames) log-mel and its transcript, if any."""
+
+    mel: torch.Tensor
+    transcript: str | None = None
+
+
+@dataclass
+class WarmupData:
+    """Media for the warm-up, split by document into training and held-out sets."""
+
+    texts: list[str] = field(default_factory=list)
+    train_images: list[ImageSample] = field(default_factory=list)
+    eval_images: list[ImageSample] = field(default_factory=list)
+    train_audio: list[AudioSample] = field(default_factory=list)
+    eval_audio: list[AudioSample] = field(default_factory=list)
+
+
+def _batches(count: int, size: int, steps: int, seed: int) -> list[list[int]]:
+    """``steps`` batches of indices, each a fresh shuffle pass's slice (deterministic)."""
+    rng, order, batches = random.Random(seed), [], []
+    for _ in range(steps):
+        if len(order) < min(size, count):
+            extra = list(range(count))
+            rng.shuffle(extra)
+            order += extra
+        batches.append(order[:size])
+        order = order[size:]
+    return batches
+
+
+def _caption_ids(text: TextTokenizer, captions: Sequence[str | None]) -> list[list[int]] | None:
+    if any(c is None for c in captions):
+        return None
+    return text.encode(list(captions))  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def evaluate_images(
+    tokenizer: ImageTokenizer, samples: Sequence[ImageSample], batch: int = 32
+) -> dict[str, float]:
+    """Mean PSNR (dB) of decode(encode(x)) against x, and the share of codes used."""
+    if not samples:
+        return {}
+    device = next(tokenizer.parameters()).device
+    tokenizer.eval()
+    scores, codes = [], set()
+    for start in range(0, len(samples), batch):
+        pixels = torch.stack([s.pixels for s in samples[start : start + batch]]).to(device)
+        ids = tokenizer.encode(pixels)
+        codes.update(ids.flatten().tolist())
+        rebuilt = tokenizer.decode(ids)
+        scores += [psnr(rebuilt[i], pixels[i]) for i in range(len(pixels))]
+    return {
+        "image_psnr": float(np.mean(scores)),
+        "image_usage": len(codes) / tokenizer.quantizer.vocab_size,
+        "image_tokens_per_item": float(tokenizer.tokens_per_image),
+    }
+
+
+@torch.no_grad()
+def evaluate_audio(tokenizer: AudioTokenizer, samples: Sequence[AudioSample]) -> dict[str, float]:
+    """Mean mel-L1 of the reconstruction over valid frames, and the share of codes used."""
+    if not samples:
+        return {}
+    tokenizer.eval()
+    errors, codes, tokens = [], set(), []
+    for sample in samples:
+        mels, lengths = pad_mels([sample.mel.to(next(tokenizer.parameters()).device)])
+        rebuilt, output, _, token_lengths = tokenizer(mels, lengths)
+        valid = int(token_lengths[0]) * tokenizer.quantizer.tokens_per_vector
+        codes.update(output.ids[0, :valid].tolist())
+        tokens.append(valid)
+        errors.append(mel_l1(rebuilt, mels, lengths))
+    return {
+        "audio_mel_l1": float(np.mean(errors)),
+        "audio_usage": len(codes) / tokenizer.quantizer.vocab_size,
+        "audio_tokens_per_item": float(np.mean(tokens)),
+    }
+
+
+@dataclass(frozen=True)
+class LoopBudget:
+    """How long a warm-up loop runs and how it reports."""
+
+    steps: int
+    batch: int
+    seed: int
+    deadline: float  # time.monotonic() value after which no new step starts
+    log: MetricsLogger
+    log_every: int
+
+
+def _run_loop(name: str, count: int, budget: LoopBudget, step: StepFunction) -> int:
+    """Call ``step`` on batches of sample indices within the budget; returns steps done."""
+    done = 0
+    batches = _batches(count, budget.batch, budget.steps, budget.seed) if count else []
+    for index, indices in enumerate(tqdm(batches, desc=name)):
+        if time.monotonic() > budget.deadline:
+            break
+        metrics = step(indices)
+        done = index + 1
+        if index % budget.log_every == 0 or done == budget.steps:
+            budget.log({f"{name}/{key}": value for key, value in metrics.items()}, index)
+    return done
+
+
+def train_images(
+    tokenizer: ImageTokenizer,
+    config: ImageTrainerConfig,
+    samples: Sequence[ImageSample],
+    text: TextTokenizer,
+    budget: LoopBudget,
+) -> int:
+    """Warm the image tokenizer up (reconstruction, VQ, GAN, caption contrast); steps done."""
+    trainer = ImageTokenizerTrainer(tokenizer, config)
+    device = next(tokenizer.parameters()).device
+
+    def step(indices: list[int]) -> dict[str, float]:
+        chosen = [samples[i] for i in indices]
+        pixels = torch.stack([s.pixels for s in chosen]).to(device)
+        return trainer.step(pixels, _caption_ids(text, [s.caption for s in chosen]))
+
+    return _run_loop("image", len(samples), budget, step)
+
+
+def train_audio(
+    tokenizer: AudioTokenizer,
+    config: AudioTrainerConfig,
+    samples: Sequence[AudioSample],
+    text: TextTokenizer,
+    budget: LoopBudget,
+) -> int:
+    """Warm the audio tokenizer up (mel reconstruction, VQ, transcript alignment); steps done."""
+    trainer = AudioTokenizerTrainer(tokenizer, config)
+    device = next(tokenizer.parameters()).device
+
+    def step(indices: list[int]) -> dict[str, float]:
+        chosen = [samples[i] for i in indices]
+        mels, lengths = pad_mels([s.mel.to(device) for s in chosen])
+        return trainer.step(mels, lengths, _caption_ids(text, [s.transcript for s in chosen]))
+
+    return _run_loop("audio", len(samples), budget, step)
+
+
+@torch.no_grad()
+def reconstruction_grid(tokenizer: ImageTokenizer, samples: Sequence[ImageSample]) -> bytes:
+    """PNG: originals on the top row, their reconstructions below (up to 8 images)."""
+    chosen = samples[:8]
+    device = next(tokenizer.parameters()).device
+    tokenizer.eval()
+    pixels = torch.stack([s.pixels for s in chosen]).to(device)
+    rebuilt = tokenizer.decode(tokenizer.encode(pixels))
+    rows = [torch.cat(list(pixels), dim=-1), torch.cat(list(rebuilt), dim=-1)]
+    grid = (torch.cat(rows, dim=-2).clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(grid).save(buffer, format="PNG")
+    return buffer.getvalue()
