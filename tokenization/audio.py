@@ -245,7 +245,10 @@ class AudioTokenizer(nn.Module):
         """Encoder from ``config.encoder_dir`` (float32) or random from ``config.encoder``."""
         if config.encoder_dir is None:
             return cls(config, WhisperEncoder(whisper_config(config)))
-        whisper = WhisperModel.from_pretrained(config.encoder_dir, dtype=torch.float32)
+        # use_safetensors: a pytorch_model.bin (a pickle) is refused, never unpickled.
+        whisper = WhisperModel.from_pretrained(
+            config.encoder_dir, dtype=torch.float32, use_safetensors=True, local_files_only=True
+        )
         return cls(config, whisper.encoder)
 
     @classmethod

@@ -160,8 +160,9 @@ def _clip_encoder(config: ImageTokenizerConfig) -> tuple[_ClipEncoder, dict[str,
         folder = Path(str(config.clip_init_dir))
         if not folder.is_dir():
             raise FileNotFoundError(f"clip_init_dir: no such directory: {folder}")
+        # use_safetensors: a pytorch_model.bin (a pickle) is refused, never unpickled.
         vision = CLIPVisionModel.from_pretrained(
-            str(folder), local_files_only=True, dtype=torch.float32
+            str(folder), local_files_only=True, dtype=torch.float32, use_safetensors=True
         )
     size, patch = vision.config.image_size, vision.config.patch_size
     if (size, patch) != (config.resolution, config.downsample):

@@ -314,3 +314,20 @@ def test_encoder_from_a_local_whisper_checkpoint(tmp_path, monkeypatch, one_thre
     reloaded = AudioTokenizer.from_pretrained(tmp_path / "audio")
     assert reloaded.config.encoder_dir is None
     assert torch.equal(reloaded.encode([clip])[0], ids)
+
+
+def test_a_pickled_whisper_checkpoint_is_refused(tmp_path: Path) -> None:
+    """Only safetensors weights load: a pytorch_model.bin is never unpickled."""
+    import torch
+    from transformers import WhisperConfig, WhisperModel
+
+    tiny = WhisperConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                         decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                         vocab_size=16, max_source_positions=200, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2, decoder_start_token_id=1)  # fmt: skip
+    model = WhisperModel(tiny)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()  # leave only a pickled checkpoint
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors"):
+        AudioTokenizer.from_config(AudioTokenizerConfig(encoder_dir=str(tmp_path), encoder={}))

@@ -302,3 +302,17 @@ def test_clip_patch_grid_must_match_the_latent_grid(tmp_path: Path) -> None:
     config = tiny_config(resolution=32, clip_init_dir=str(tmp_path))
     with pytest.raises(ValueError, match="patch_size=4 must equal"):
         ImageTokenizer.from_config(config)
+
+
+def test_a_pickled_clip_checkpoint_is_refused(tmp_path: Path) -> None:
+    """Only safetensors weights load: a pytorch_model.bin is never unpickled."""
+    from transformers import CLIPVisionModel
+
+    clip_dir = tmp_path / "clip"
+    _tiny_clip(clip_dir)
+    state = CLIPVisionModel.from_pretrained(str(clip_dir)).state_dict()
+    (clip_dir / "model.safetensors").unlink()
+    torch.save(state, clip_dir / "pytorch_model.bin")
+    config = tiny_config(resolution=32, channels=[8, 16, 32], clip_init_dir=str(clip_dir))
+    with pytest.raises(OSError, match="safetensors"):
+        ImageTokenizer.from_config(config)
