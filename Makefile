@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/omni shard --config $(CONFIG)
 	$(BIN)/omni tokenizers train --config $(CONFIG)
+	$(BIN)/omni pretokenize --config $(CONFIG)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

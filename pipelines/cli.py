@@ -14,6 +14,7 @@ from rich.console import Console
 from infra.config import ConfigError
 from infra.storage import StorageError
 from pipelines.config import load_pipeline_config
+from pipelines.pretokenize import PretokenizeConfig
 from pipelines.ray_units import UnitFailed
 from pipelines.shard import ShardConfig
 from tokenization.config import WarmupConfig
@@ -97,6 +98,29 @@ def shard(config: ConfigOption, set_: SetOption = None) -> None:
     except (FileNotFoundError, StorageError, UnitFailed) as exc:
         _fail(str(exc), 1)
     render_shard_report(report, console)
+
+
+@app.command(epilog=settings_help("pretokenize", PretokenizeConfig))
+def pretokenize(config: ConfigOption, set_: SetOption = None) -> None:
+    """Turn `<workspace>/shards/` into WebDataset token shards, one folder per bucket.
+
+    A pool of Ray actors (GPU actors when the cluster has GPUs) loads the tokenizers from
+    `<workspace>/tokenizers/` once each and writes `<workspace>/tokens/<bucket>/*.tar`
+    (`tokens.npy`, `modality.npy`, `meta.json` per sample), `manifest.parquet`,
+    `quarantine.parquet`, `stats.json` and `_SUCCESS.json`. Exactly once and resumable:
+    a killed run picks up where it stopped.
+    """
+    from pipelines import pretokenize as stage
+    from pipelines.summary import render_pretokenize_report
+
+    try:
+        pipeline = load_pipeline_config(config, set_ or [])
+        report = stage.run(pipeline)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    except (FileNotFoundError, StorageError) as exc:
+        _fail(str(exc), 1)
+    render_pretokenize_report(report, console)
 
 
 tokenizers_app = typer.Typer(

@@ -16,6 +16,7 @@ from infra.ray_runtime import RayConfig
 from infra.storage import StorageConfig
 from infra.tracking import MlflowConfig
 from pipelines.corpus import CorpusConfig
+from pipelines.pretokenize import PretokenizeConfig
 from pipelines.shard import ShardConfig
 from tokenization.config import TokenizersConfig
 
@@ -34,7 +35,7 @@ class PipelineConfig(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     shard: ShardConfig = Field(default_factory=ShardConfig)
     tokenizers: TokenizersConfig = Field(default_factory=TokenizersConfig)
-    pretokenize: PendingSection = Field(default_factory=PendingSection)
+    pretokenize: PretokenizeConfig = Field(default_factory=PretokenizeConfig)
     model: PendingSection = Field(default_factory=PendingSection)
     train: PendingSection = Field(default_factory=PendingSection)
     eval: PendingSection = Field(default_factory=PendingSection)

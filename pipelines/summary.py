@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from pipelines.pretokenize import PretokenizeReport
 from pipelines.shard import ShardReport
 from pipelines.tokenizers_stage import TokenizersReport
 
@@ -92,5 +93,34 @@ def render_tokenizers_report(report: TokenizersReport, console: Console) -> None
     console.print(
         quality_table("held-out reconstruction", {"before": report.before, "after": report.after})
     )
+    for note in report.notes:
+        console.print(f"note: {note}")
+
+
+def render_pretokenize_report(report: PretokenizeReport, console: Console) -> None:
+    """The per-bucket table: samples, tokens, mean length; then quarantine counts."""
+    status = "skipped (already done)" if report.skipped else "done"
+    head = Table(title=f"omni pretokenize: {status}", show_header=False, title_justify="left")
+    head.add_column(style="bold")
+    head.add_column(justify="right")
+    head.add_row("output", report.stage_dir)
+    head.add_row("documents", f"{report.documents:,}")
+    head.add_row("tars", f"{report.tars:,}")
+    if not report.skipped:
+        head.add_row("actors", f"{report.actors} on {', '.join(report.devices) or '-'}")
+        if report.resumed_shards:
+            head.add_row("shards resumed", f"{report.resumed_shards:,}")
+        head.add_row("seconds", f"{report.seconds:.1f}")
+    console.print(head)
+    buckets = Table("bucket", "samples", "tokens", "mean length", title_justify="left")
+    for name, counts in report.buckets.items():
+        mean = counts["tokens"] / max(1, counts["samples"])
+        buckets.add_row(name, f"{counts['samples']:,}", f"{counts['tokens']:,}", f"{mean:,.0f}")
+    console.print(buckets)
+    if report.quarantined:
+        reasons = Table("quarantine reason", "documents", title_justify="left")
+        for reason, count in report.quarantined.items():
+            reasons.add_row(reason, f"{count:,}")
+        console.print(reasons)
     for note in report.notes:
         console.print(f"note: {note}")

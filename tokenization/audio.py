@@ -365,17 +365,25 @@ class AudioTokenizer(nn.Module):
         Clips are batched with padding; ``T_i = tokens_for_seconds(seconds_i) / K``. A clip
         :meth:`preprocess` rejects fails the call with its index in the message.
         """
-        if not clips:
-            return []
         mels = []
         for index, (samples, rate) in enumerate(clips):
             try:
                 mels.append(self.preprocess(samples, rate))
             except TokenizerInputError as error:
                 raise TokenizerInputError(f"{error} (clip {index})") from error
-        mels, lengths = pad_mels(mels)
+        return self.encode_mels(mels)
+
+    def encode_mels(self, mels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Preprocessed log-mels ``[(n_mels, F_i), ...]`` -> ids (T_i * K,) per clip, batched.
+
+        Callers that must isolate bad clips preprocess one by one, then encode the good ones
+        together.
+        """
+        if not mels:
+            return []
+        batch, lengths = pad_mels(mels)
         with _eval_mode(self):
-            out, token_lengths = self.quantize(mels.to(self.device), lengths)
+            out, token_lengths = self.quantize(batch.to(self.device), lengths)
         k = self.quantizer.tokens_per_vector
         return [row[: int(n) * k].cpu() for row, n in zip(out.ids, token_lengths, strict=True)]
 

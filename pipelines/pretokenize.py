@@ -1,0 +1,265 @@
+"""``omni pretokenize``: shards -> WebDataset token shards per bucket, exactly once.
+
+A pool of Ray actors, each loading the tokenizers once, takes input shards one at a time
+(``pipelines.pretokenize_worker``). An actor asks for ``pretokenize.num_gpus`` GPUs when
+the cluster has any, CPUs otherwise; it encodes on CUDA when it got a GPU.
+
+``ray.util.ActorPool`` rather than Ray Data ``map_batches`` with an actor class: the unit
+is a whole input shard whose outputs (tars, a marker) the actor publishes itself, so there
+is no block stream to return; one task per shard keeps resume and retry at shard
+granularity, and Ray Data's streaming executor measured slower on units of this shape
+(see ``pipelines/ray_units.py``). An actor whose process dies is restarted (tokenizers
+reloaded) and its task retried by Ray; shards are idempotent, so nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import ray
+import torch
+from pydantic import Field
+from ray.util import ActorPool
+from tqdm import tqdm
+
+from infra.config import Section, fingerprint
+from infra.ray_runtime import connect, disconnect
+from infra.storage import Storage, join
+from pipelines.corpus import absolute
+from pipelines.pretokenize_worker import (
+    STAGE,
+    WorkerSettings,
+    marker_uri,
+    process_shard,
+)
+from pipelines.stage_state import (
+    RUNNING,
+    SUCCESS,
+    parquet_bytes,
+    quarantine_table,
+    read_marker,
+    read_parquet,
+    success_payload,
+    write_marker,
+)
+from pipelines.tokenizers_stage import load_tokenizers
+from tokenization.sequences import SequenceConfig
+
+if TYPE_CHECKING:
+    from pipelines.config import PipelineConfig
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("bucket", pa.string()),
+        ("path", pa.string()),
+        ("samples", pa.int64()),
+        ("tokens", pa.int64()),
+        ("bytes", pa.int64()),
+        ("sha256", pa.string()),
+    ]
+)
+
+
+class PretokenizeConfig(Section):
+    """The ``pretokenize`` section."""
+
+    actors: int = Field(2, ge=1, description="actors in the pool (each loads the tokenizers)")
+    cpus_per_actor: float = Field(1.0, gt=0, description="Ray CPUs per actor; torch threads")
+    num_gpus: float = Field(1.0, ge=0, description="GPUs per actor when the cluster has GPUs")
+    image_batch: int = Field(32, gt=0, description="images (and video frames) per encode call")
+    audio_batch: int = Field(16, gt=0, description="audio clips per encode call")
+    samples_per_tar: int = Field(2000, gt=0, description="at most this many samples per tar")
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of documents in 'eval'")
+    sequences: SequenceConfig = Field(default_factory=SequenceConfig)
+    max_restarts: int = Field(3, ge=0, description="restarts of an actor whose process died")
+
+
+@dataclass
+class PretokenizeReport:
+    """Per-bucket counts and what was quarantined."""
+
+    stage_dir: str
+    skipped: bool
+    documents: int = 0
+    buckets: dict[str, dict[str, int]] = field(default_factory=dict)
+    tars: int = 0
+    quarantined: dict[str, int] = field(default_factory=dict)
+    resumed_shards: int = 0
+    actors: int = 0
+    devices: list[str] = field(default_factory=list)
+    gpu_ids: list[str] = field(default_factory=list)  # GPUs Ray assigned to the actors
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+@ray.remote
+class PretokenizeActor:
+    """Holds the tokenizers; tokenizes one input shard per call."""
+
+    def __init__(self, config: PipelineConfig, settings: WorkerSettings, threads: int) -> None:
+        torch.set_num_threads(max(1, threads))
+        gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
+        self.device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
+        self.gpus = list(gpus)
+        self.tokenizers = load_tokenizers(config, self.device)
+        self.settings = settings
+
+    def process(self, part: str) -> dict[str, Any]:
+        result = process_shard(part, self.tokenizers, self.settings)
+        return {**result, "device": self.device, "gpus": self.gpus}
+
+
+def _settings(config: PipelineConfig, storage: Storage, workspace: str) -> WorkerSettings:
+    section = config.pretokenize
+    return WorkerSettings(
+        storage=storage,
+        shards_dir=join(workspace, "shards"),
+        tokens_dir=join(workspace, "tokens"),
+        image_batch=section.image_batch,
+        audio_batch=section.audio_batch,
+        samples_per_tar=section.samples_per_tar,
+        eval_fraction=section.eval_fraction,
+        sequences=section.sequences,
+    )
+
+
+def _run_pool(
+    config: PipelineConfig, settings: WorkerSettings, parts: list[str]
+) -> tuple[list[dict[str, Any]], int]:
+    """Tokenize ``parts`` on an actor pool; returns the results and the pool size."""
+    section = config.pretokenize
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    size = max(1, min(section.actors, len(parts)))
+    options = {
+        "num_cpus": section.cpus_per_actor,
+        "num_gpus": section.num_gpus if has_gpus else 0,
+        "max_restarts": section.max_restarts,
+        "max_task_retries": section.max_restarts,
+    }
+    threads = int(section.cpus_per_actor)
+    actors = [
+        PretokenizeActor.options(**options).remote(config, settings, threads) for _ in range(size)
+    ]
+    pool = ActorPool(actors)
+    results, totals = [], Counter()
+    with tqdm(total=len(parts), desc="pretokenize", unit="shard", dynamic_ncols=True) as bar:
+        for result in pool.map_unordered(lambda actor, part: actor.process.remote(part), parts):
+            results.append(result)
+            totals["samples"] += sum(t["samples"] for t in result["tars"])
+            totals["quarantined"] += len(result["quarantine"])
+            bar.set_postfix(samples=totals["samples"], quarantined=totals["quarantined"])
+            bar.update(1)
+    for actor in actors:
+        ray.kill(actor)
+    return results, size
+
+
+def _finish(
+    storage: Storage, stage_dir: str, results: list[dict[str, Any]]
+) -> tuple[dict[str, dict[str, Any]], Counter[str], int]:
+    """Write manifest.parquet, quarantine.parquet and stats.json from the shard results."""
+    ordered = sorted(results, key=lambda r: r["part"])
+    tars = sorted((t for r in ordered for t in r["tars"]), key=lambda t: (t["bucket"], t["path"]))
+    manifest = pa.Table.from_pylist(tars, schema=MANIFEST_SCHEMA)
+    storage.write_bytes(join(stage_dir, "manifest.parquet"), parquet_bytes(manifest))
+    rows = [row for r in ordered for row in r["quarantine"]]
+    storage.write_bytes(
+        join(stage_dir, "quarantine.parquet"), parquet_bytes(quarantine_table(rows))
+    )
+    buckets: dict[str, dict[str, Any]] = {}
+    for result in ordered:
+        for bucket, stats in result["stats"].items():
+            entry = buckets.setdefault(bucket, {"samples": 0, "tokens": 0, "histogram": Counter()})
+            entry["samples"] += stats["samples"]
+            entry["tokens"] += stats["tokens"]
+            entry["histogram"].update(stats["histogram"])
+    stats = {name: {**b, "histogram": dict(b["histogram"])} for name, b in sorted(buckets.items())}
+    storage.write_bytes(join(stage_dir, "stats.json"), json.dumps(stats, indent=2).encode())
+    return stats, Counter(row["reason"] for row in rows), len(tars)
+
+
+def run(config: PipelineConfig) -> PretokenizeReport:
+    """Tokenize every shard into per-bucket WebDataset tars; resumable, exactly once."""
+    started = time.time()
+    storage = Storage(config.storage)
+    workspace = absolute(config.workspace)
+    stage_dir = join(workspace, "tokens")
+    shards = read_marker(storage, join(workspace, "shards"), SUCCESS)
+    tokenizers = read_marker(storage, join(workspace, "tokenizers"), SUCCESS)
+    if shards is None:
+        raise FileNotFoundError(f"{workspace}/shards/_SUCCESS.json not found: run `omni shard`")
+    if tokenizers is None:
+        raise FileNotFoundError(
+            f"{workspace}/tokenizers/_SUCCESS.json not found: run `omni tokenizers train`"
+        )
+    stage_fingerprint = fingerprint(
+        STAGE, config.pretokenize, shards["fingerprint"], tokenizers["fingerprint"]
+    )
+    success = read_marker(storage, stage_dir, SUCCESS)
+    if success and success["fingerprint"] == stage_fingerprint:
+        return PretokenizeReport(
+            stage_dir,
+            True,
+            documents=success["documents"],
+            buckets=success["buckets"],
+            tars=success["tars"],
+            quarantined=success["quarantined"],
+            seconds=time.time() - started,
+            notes=["already done with this config: nothing to do"],
+        )
+    notes = []
+    previous = success or read_marker(storage, stage_dir, RUNNING)
+    if previous and previous["fingerprint"] != stage_fingerprint:
+        notes.append("config, shards or tokenizers changed: token shards rebuilt from scratch")
+        storage.remove(stage_dir, recursive=True)
+    write_marker(storage, stage_dir, RUNNING, {"stage": STAGE, "fingerprint": stage_fingerprint})
+
+    settings = _settings(config, storage, workspace)
+    manifest = read_parquet(storage, join(settings.shards_dir, "manifest.parquet"))
+    parts = sorted(manifest["path"].to_pylist())
+    done = [p for p in parts if storage.exists(marker_uri(stage_dir, p))]
+    pending = [p for p in parts if p not in done]
+    resumed = [json.loads(storage.read_bytes(marker_uri(stage_dir, p))) for p in done]
+    started_ray = connect(config.ray)
+    try:
+        fresh, size = _run_pool(config, settings, pending) if pending else ([], 0)
+    finally:
+        disconnect(started_ray)
+    buckets, quarantined, tar_count = _finish(storage, stage_dir, resumed + fresh)
+    report = PretokenizeReport(
+        stage_dir,
+        False,
+        documents=sum(r["documents"] for r in resumed + fresh),
+        buckets={b: {"samples": s["samples"], "tokens": s["tokens"]} for b, s in buckets.items()},
+        tars=tar_count,
+        quarantined=dict(sorted(quarantined.items())),
+        resumed_shards=len(resumed),
+        actors=size,
+        devices=sorted({r["device"] for r in fresh}),
+        gpu_ids=sorted({str(g) for r in fresh for g in r["gpus"]}),
+        seconds=time.time() - started,
+        notes=notes,
+    )
+    write_marker(
+        storage,
+        stage_dir,
+        SUCCESS,
+        success_payload(
+            STAGE,
+            stage_fingerprint,
+            started,
+            documents=report.documents,
+            buckets=report.buckets,
+            tars=report.tars,
+            quarantined=report.quarantined,
+            layout=tokenizers["layout"],
+        ),
+    )
+    for leftover in ("_done", RUNNING):
+        storage.remove(join(stage_dir, leftover), recursive=True)
+    return report

@@ -1,0 +1,215 @@
+"""What one pretokenize actor does with one shard: documents in, token tars per bucket out.
+
+Media are decoded one document at a time (a medium a tokenizer refuses quarantines its
+document, never the shard), then encoded in batches per modality: all texts in one BPE
+call, images and video frames in image batches, audio clips in audio batches. Each
+document then yields its sequences per bucket (``tokenization.sequences``), written as
+WebDataset tars ``tokens/<bucket>/<shard>-<chunk>.tar`` and, last, a marker listing them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from infra.storage import Storage, join
+from pipelines.stage_state import read_parquet
+from pipelines.tokenizers_stage import decode_audio
+from tokenization.bundle import Tokenizers
+from tokenization.errors import TokenizerInputError
+from tokenization.sequences import SequenceConfig, TokenizedSegment, build_sequences
+from tokenization.token_samples import encode_sample, sample_key, split_of, write_tar
+from tokenization.video import read_frames
+
+STAGE = "pretokenize"
+LENGTH_BINS = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # sequence-length histogram edges
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a worker needs besides the tokenizers; small and picklable."""
+
+    storage: Storage
+    shards_dir: str
+    tokens_dir: str
+    image_batch: int
+    audio_batch: int
+    samples_per_tar: int
+    eval_fraction: float
+    sequences: SequenceConfig
+
+
+def length_bin(length: int) -> str:
+    """Histogram bin of a sequence length: ``<=32`` ... ``<=4096``, ``>4096``."""
+    for edge in LENGTH_BINS:
+        if length <= edge:
+            return f"<={edge}"
+    return f">{LENGTH_BINS[-1]}"
+
+
+def marker_uri(tokens_dir: str, part: str) -> str:
+    return join(tokens_dir, "_done", part.replace(".parquet", ".json"))
+
+
+class _Pending:
+    """Media of a batch of documents waiting to be encoded, and where their ids go."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.pixels: list[torch.Tensor] = []
+        self.mels: list[torch.Tensor] = []
+
+    def add(self, kind: str, items: list[Any]) -> tuple[str, int, int]:
+        store = {"text": self.texts, "image": self.pixels, "video": self.pixels, "audio": self.mels}
+        start = len(store[kind])
+        store[kind].extend(items)
+        return kind, start, len(items)
+
+
+def _prepare(document: dict[str, Any], tokenizers: Tokenizers, pending: _Pending) -> list:
+    """Decode a document's media into ``pending``; TokenizerInputError names the bad one."""
+    slots = []
+    for segment in document["segments"]:
+        kind, data = segment["type"], segment["bytes"]
+        try:
+            if kind == "text":
+                slots.append(pending.add("text", [segment["text"]]))
+            elif kind == "image":
+                slots.append(pending.add("image", [tokenizers.image.preprocess(data)]))
+            elif kind == "video":
+                frames = read_frames(data, tokenizers.video.frames)
+                slots.append(pending.add("video", list(tokenizers.video.frames_to_pixels(frames))))
+            elif kind == "audio":
+                slots.append(
+                    pending.add("audio", [tokenizers.audio.preprocess(*decode_audio(data))])
+                )
+        except TokenizerInputError as error:
+            raise TokenizerInputError(f"{kind}: {error}") from error
+        except Exception as error:  # a decoder's own exception: same treatment, named
+            raise TokenizerInputError(f"{kind}: {type(error).__name__}: {error}") from error
+    return slots
+
+
+def _encode(pending: _Pending, tokenizers: Tokenizers, settings: WorkerSettings) -> dict:
+    """Unified ids for every pending item, encoded in batches per modality."""
+    layout, image = tokenizers.layout, tokenizers.image
+    ids: dict[str, list[np.ndarray]] = {"text": [], "image": [], "audio": []}
+    ids["text"] = [np.asarray(t, dtype=np.int64) for t in tokenizers.text.encode(pending.texts)]
+    for start in range(0, len(pending.pixels), settings.image_batch):
+        batch = torch.stack(pending.pixels[start : start + settings.image_batch])
+        ids["image"] += list(image.encode(batch.to(image_device(tokenizers))).cpu().numpy())
+    for start in range(0, len(pending.mels), settings.audio_batch):
+        encoded = tokenizers.audio.encode_mels(pending.mels[start : start + settings.audio_batch])
+        ids["audio"] += [row.numpy() for row in encoded]
+    offsets = layout.offsets
+    return {
+        "text": [i + offsets["text"] for i in ids["text"]],
+        "image": [i.astype(np.int64) + offsets["image"] for i in ids["image"]],
+        "audio": [i.astype(np.int64) + offsets["audio"] for i in ids["audio"]],
+    }
+
+
+def image_device(tokenizers: Tokenizers) -> torch.device:
+    return next(tokenizers.image.parameters()).device
+
+
+def _quarantine(document: dict[str, Any], reason: str, detail: str) -> dict[str, str]:
+    return {
+        "id": document["id"],
+        "native_id": document["native_id"],
+        "source": document["origin"],
+        "stage": STAGE,
+        "reason": reason,
+        "detail": detail[:500],
+    }
+
+
+def tokenize_documents(
+    documents: list[dict[str, Any]], tokenizers: Tokenizers, settings: WorkerSettings
+) -> tuple[dict[str, list[dict[str, bytes]]], list[dict[str, str]]]:
+    """Shard rows -> (encoded WebDataset samples per bucket, quarantine rows)."""
+    pending, accepted, quarantine = _Pending(), [], []
+    for document in documents:
+        try:
+            accepted.append((document, _prepare(document, tokenizers, pending)))
+        except TokenizerInputError as error:
+            kind = str(error).split(":", 1)[0]
+            quarantine.append(_quarantine(document, f"{kind}_rejected", str(error)))
+    ids = _encode(pending, tokenizers, settings)
+    layout_fingerprint = tokenizers.layout.fingerprint()
+    samples: dict[str, list[dict[str, bytes]]] = defaultdict(list)
+    for document, slots in accepted:
+        segments = []
+        for kind, start, count in slots:
+            source = "image" if kind == "video" else kind
+            parts = ids[source][start : start + count]
+            segments.append(TokenizedSegment(kind, np.concatenate(parts)))
+        sequences, skipped = build_sequences(segments, tokenizers.layout, settings.sequences)
+        for reason in skipped:
+            quarantine.append(_quarantine(document, reason.split(":")[0], reason))
+        for sequence in sequences:
+            key = sample_key(document["id"], sequence.bucket)
+            meta = {
+                "document_id": document["id"],
+                "native_id": document["native_id"],
+                "source": document["origin"],
+                "split": split_of(document["id"], settings.eval_fraction),
+                "layout": layout_fingerprint,
+            }
+            samples[sequence.bucket].append(encode_sample(key, sequence, meta))
+    return samples, quarantine
+
+
+def process_shard(part: str, tokenizers: Tokenizers, settings: WorkerSettings) -> dict[str, Any]:
+    """Tokenize one input shard and publish its tars; idempotent through its marker.
+
+    Tars are written atomically under deterministic names, the marker last: a worker
+    killed half-way leaves no marker, and the retry rewrites the same tars with the same
+    content, so no sample is lost or duplicated.
+    """
+    storage = settings.storage
+    marker = marker_uri(settings.tokens_dir, part)
+    if storage.exists(marker):
+        return {**json.loads(storage.read_bytes(marker)), "resumed": True}
+    documents = read_parquet(storage, join(settings.shards_dir, part)).to_pylist()
+    samples, quarantine = tokenize_documents(documents, tokenizers, settings)
+    number = int(part.removeprefix("part-").removesuffix(".parquet"))
+    tars, stats = [], {}
+    for bucket in sorted(samples):
+        ordered = sorted(samples[bucket], key=lambda s: s["__key__"])
+        lengths = [json.loads(s["meta.json"])["length"] for s in ordered]
+        stats[bucket] = {
+            "samples": len(ordered),
+            "tokens": int(sum(lengths)),
+            "histogram": dict(Counter(length_bin(n) for n in lengths)),
+        }
+        for chunk, start in enumerate(range(0, len(ordered), settings.samples_per_tar)):
+            group = ordered[start : start + settings.samples_per_tar]
+            data = write_tar(group)
+            path = f"{bucket}/{number:06d}-{chunk:03d}.tar"
+            storage.write_bytes(join(settings.tokens_dir, path), data)
+            tars.append(
+                {
+                    "bucket": bucket,
+                    "path": path,
+                    "samples": len(group),
+                    "tokens": int(sum(json.loads(s["meta.json"])["length"] for s in group)),
+                    "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+            )
+    result = {
+        "part": part,
+        "tars": tars,
+        "stats": stats,
+        "quarantine": quarantine,
+        "documents": len(documents),
+    }
+    storage.write_bytes(marker, json.dumps(result).encode())
+    return {**result, "resumed": False}

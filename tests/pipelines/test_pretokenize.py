@@ -1,0 +1,284 @@
+"""``omni pretokenize`` on a real Ray actor pool: buckets, codec, exactly-once, bad media."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from pipelines import pretokenize, shard, tokenizers_stage
+from tests import builders
+from tests.conftest import pipeline_config
+from tokenization.token_samples import read_token_samples
+from tokenization.vocab import VocabLayout
+
+pytestmark = pytest.mark.integration
+
+CORPUS = Path(__file__).resolve().parents[2] / "examples" / "corpus"
+QUICK = {  # tokenizer quality does not matter here, only that they exist
+    "text": {"vocab_size": 512},
+    "warmup": {"image_steps": 2, "audio_steps": 2, "image_batch": 4, "audio_batch": 2},
+}
+# 2 of the 17 "interleaved-" documents hold one audio clip and texts: audio2text/text2audio
+EXPECTED = {
+    "image2text": 40,
+    "text2image": 40,
+    "audio2text": 14,
+    "text2audio": 14,
+    "video2text": 5,
+    "text2video": 5,
+    "interleaved": 15,
+    "text": 300,
+}
+
+
+def prepared(workspace: Path, docs: Path, **overrides: dict):
+    """A config whose shards and tokenizers are built; pretokenize is left to the test."""
+    config = pipeline_config(
+        workspace,
+        [{"uri": str(docs), "format": "jsonl", "name": "corpus", "media_root": str(CORPUS)}],
+        tokenizers=QUICK,
+        **overrides,
+    )
+    shard.run(config)
+    tokenizers_stage.run(config)
+    return config
+
+
+def all_keys(tokens_dir: Path) -> list[str]:
+    keys = []
+    for tar in sorted(tokens_dir.glob("*/*.tar")):
+        keys += [s["__key__"] for s in wds.WebDataset([str(tar)], shardshuffle=False)]
+    return keys
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None) -> tuple:
+    workspace = tmp_path_factory.mktemp("pretokenize")
+    config = prepared(workspace, CORPUS / "docs.jsonl")
+    return config, pretokenize.run(config), workspace / "tokens"
+
+
+def test_every_bucket_gets_its_documents(sample_run: tuple) -> None:
+    _, report, tokens = sample_run
+    assert {b: c["samples"] for b, c in report.buckets.items()} == EXPECTED
+    assert report.documents == 374 and report.quarantined == {}
+    assert report.devices == ["cpu"] and report.gpu_ids == []
+    stats = json.loads((tokens / "stats.json").read_text())
+    assert {b: s["samples"] for b, s in stats.items()} == EXPECTED
+    assert all(sum(s["histogram"].values()) == s["samples"] for s in stats.values())
+
+
+def test_tars_are_plain_webdataset_sorted_and_match_the_manifest(sample_run: tuple) -> None:
+    _, report, tokens = sample_run
+    manifest = pq.read_table(tokens / "manifest.parquet").to_pylist()
+    assert len(manifest) == report.tars
+    import hashlib
+
+    total = Counter()
+    for entry in manifest:
+        path = tokens / entry["path"]
+        data = path.read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["bytes"]
+        with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+            names = archive.getnames()
+        assert names == sorted(names)
+        samples = list(wds.WebDataset([str(path)], shardshuffle=False))  # no project code
+        assert len(samples) == entry["samples"]
+        for sample in samples:
+            assert set(sample) >= {"__key__", "tokens.npy", "modality.npy", "meta.json"}
+            tokens_array = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)
+            assert tokens_array.dtype == np.int32
+            meta = json.loads(sample["meta.json"])
+            assert meta["bucket"] == entry["bucket"] and meta["split"] in ("train", "eval")
+        total[entry["bucket"]] += entry["samples"]
+    assert dict(total) == EXPECTED
+
+
+def test_token_samples_read_back_as_tensors_in_the_saved_layout(sample_run: tuple) -> None:
+    _, _, tokens = sample_run
+    layout = VocabLayout.load(tokens.parent / "tokenizers")
+    urls = sorted(str(p) for p in (tokens / "image2text").glob("*.tar"))
+    samples = list(read_token_samples(urls))
+    assert len(samples) == 40
+    for sample in samples:
+        assert sample.tokens[0] == layout.special_id("<BOS>")
+        assert sample.tokens[-1] == layout.special_id("<EOS>")
+        codes = layout.modality_of(sample.tokens.numpy())
+        assert np.array_equal(codes, sample.modality.numpy())
+        assert sample.meta["layout"] == layout.fingerprint()
+        response = sample.tokens[sample.meta["instruction_length"] :]
+        assert (layout.modality_of(response.numpy()) != 2).all()  # image2text: text answers
+
+
+def test_rerun_is_skipped(sample_run: tuple) -> None:
+    config, report, _ = sample_run
+    again = pretokenize.run(config)
+    assert again.skipped and again.buckets == report.buckets
+
+
+def test_media_the_tokenizers_refuse_are_quarantined(ray_cluster: None, tmp_path: Path) -> None:
+    from PIL import Image
+
+    media = tmp_path / "media"
+    media.mkdir()
+    Image.new("RGB", (4, 4), "red").save(media / "tiny.png")  # decodes, but < min_side
+    (media / "silent.wav").write_bytes(builders.silent_wav(1.0))  # decodes, but silent
+    docs = tmp_path / "docs.jsonl"
+    builders.write_jsonl(
+        docs,
+        [
+            {
+                "id": "tiny",
+                "segments": [
+                    {"type": "image", "path": "media/tiny.png"},
+                    {"type": "text", "text": "a red dot"},
+                ],
+            },
+            {
+                "id": "silent",
+                "segments": [
+                    {"type": "audio", "path": "media/silent.wav"},
+                    {"type": "text", "text": "nothing"},
+                ],
+            },
+            {"id": "fine", "segments": [{"type": "text", "text": "just text"}]},
+        ],
+    )
+    config = pipeline_config(
+        tmp_path / "ws", [{"uri": str(docs), "format": "jsonl"}], tokenizers=QUICK
+    )
+    shard.run(config)
+    # the warm-up needs real media to train on: add the sample corpus as a second input
+    config = pipeline_config(
+        tmp_path / "ws",
+        [
+            {"uri": str(docs), "format": "jsonl"},
+            {"uri": str(CORPUS / "docs.jsonl"), "format": "jsonl"},
+        ],
+        tokenizers=QUICK,
+    )
+    shard.run(config)
+    tokenizers_stage.run(config)
+    report = pretokenize.run(config)
+    assert report.quarantined == {"audio_rejected": 1, "image_rejected": 1}
+    rows = pq.read_table(tmp_path / "ws" / "tokens" / "quarantine.parquet").to_pylist()
+    assert {r["native_id"]: r["reason"] for r in rows} == {
+        "tiny": "image_rejected",
+        "silent": "audio_rejected",
+    }
+    assert all(r["stage"] == "pretokenize" and r["detail"] for r in rows)
+    assert report.buckets["text"]["samples"] == 301  # 300 glosses + "just text"
+
+
+def replicated(tmp_path: Path, copies: int) -> Path:
+    docs = builders.read_docs(CORPUS)
+    out = tmp_path / "docs.jsonl"
+    builders.write_jsonl(out, [{**d, "id": f"{d['id']}~{c}"} for c in range(copies) for d in docs])
+    return out
+
+
+def test_a_killed_actor_is_restarted_and_nothing_is_lost_or_doubled(
+    ray_cluster: None, tmp_path: Path
+) -> None:
+    docs = replicated(tmp_path, 2)
+    shards = {"target_tokens": 3000}
+    killed = prepared(tmp_path / "killed", docs, shard=shards)
+    reference = prepared(tmp_path / "reference", docs, shard=shards)
+    markers = tmp_path / "killed" / "tokens" / "_done"
+    outcome: dict = {}
+    worker = threading.Thread(target=lambda: outcome.update(report=pretokenize.run(killed)))
+    worker.start()
+    deadline = time.monotonic() + 120
+    while not (markers.exists() and list(markers.glob("*.json"))):
+        assert time.monotonic() < deadline and worker.is_alive()
+        time.sleep(0.05)
+    victims = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if any("PretokenizeActor" in part for part in (p.info["cmdline"] or []))
+    ]
+    assert victims, "no actor process found"
+    os.kill(victims[0].pid, signal.SIGKILL)
+    worker.join(timeout=300)
+    assert "report" in outcome, "the stage did not finish after the actor was killed"
+    pretokenize.run(reference)
+    keys = all_keys(tmp_path / "killed" / "tokens")
+    assert len(keys) == len(set(keys)) == 2 * sum(EXPECTED.values())
+    assert sorted(keys) == sorted(all_keys(tmp_path / "reference" / "tokens"))
+
+
+def test_a_killed_job_resumes_without_losing_or_doubling(ray_cluster: None, tmp_path: Path) -> None:
+    docs = replicated(tmp_path, 2)
+    config = prepared(tmp_path / "ws", docs, shard={"target_tokens": 3000}, ray={"num_cpus": 1})
+    config_path = tmp_path / "config.json"
+    config_path.write_text(config.model_dump_json())
+    markers = tmp_path / "ws" / "tokens" / "_done"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", "pretokenize", "--config", str(config_path)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (markers.exists() and len(list(markers.glob("*.json"))) >= 2):
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert not (tmp_path / "ws" / "tokens" / "_SUCCESS.json").exists()
+    report = pretokenize.run(config)
+    assert report.resumed_shards >= 2
+    keys = all_keys(tmp_path / "ws" / "tokens")
+    assert len(keys) == len(set(keys)) == 2 * sum(EXPECTED.values())
+
+
+def test_actors_request_a_gpu_when_the_cluster_has_one(sample_run: tuple, tmp_path: Path) -> None:
+    """A separate Ray instance with one logical GPU: the actor gets it, runs on CPU."""
+    config, _, tokens = sample_run
+    config_path = tmp_path / "config.json"
+    workspace = tmp_path / "ws"
+    import shutil
+
+    shutil.copytree(tokens.parent / "shards", workspace / "shards")
+    shutil.copytree(tokens.parent / "tokenizers", workspace / "tokenizers")
+    data = json.loads(config.model_dump_json())
+    data["workspace"] = str(workspace)
+    data["pretokenize"]["actors"] = 1
+    config_path.write_text(json.dumps(data))
+    script = (
+        "import ray, json, sys;"
+        "ray.init(address='local', num_cpus=2, num_gpus=1, include_dashboard=False);"
+        "from pipelines.config import load_pipeline_config; from pipelines import pretokenize;"
+        f"r = pretokenize.run(load_pipeline_config({str(config_path)!r}));"
+        "print(json.dumps({'devices': r.devices, 'gpus': r.gpu_ids}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"devices": ["cpu"], "gpus": ["0"]}  # scheduled on the GPU, CUDA absent
