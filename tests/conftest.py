@@ -88,3 +88,13 @@ def pipeline_config(workspace: Path | str, inputs: list[dict], **overrides: Any)
     for section, values in overrides.items():
         data.setdefault(section, {}).update(values)
     return validate(PipelineConfig, data)
+
+
+def upload_folder(moto_server: MotoServer, bucket: str, prefix: str, folder: Path) -> None:
+    """Create ``bucket`` and copy every file under ``folder`` to ``s3://bucket/prefix/...``."""
+    moto_server.create_bucket(bucket)
+    client = moto_server.s3_client()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            key = f"{prefix}/{path.relative_to(folder)}"
+            client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())

@@ -20,9 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
+from infra.services import MlflowServer, MotoServer
 from pipelines import pretokenize, shard, tokenizers_stage
 from tests import builders
-from tests.conftest import pipeline_config
+from tests.conftest import pipeline_config, upload_folder
 from tokenization.token_samples import read_token_samples
 from tokenization.vocab import VocabLayout
 
@@ -282,3 +283,31 @@ def test_actors_request_a_gpu_when_the_cluster_has_one(sample_run: tuple, tmp_pa
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"devices": ["cpu"], "gpus": ["0"]}  # scheduled on the GPU, CUDA absent
+
+
+def test_an_s3_workspace_end_to_end(
+    ray_cluster: None, moto_server: MotoServer, mlflow_server: MlflowServer, s3_env: str
+) -> None:
+    upload_folder(moto_server, "pretokenize-s3", "raw/corpus", CORPUS)
+    config = pipeline_config(
+        "s3://pretokenize-s3/ws",
+        [{"uri": "s3://pretokenize-s3/raw/corpus/docs.jsonl", "format": "jsonl"}],
+        tokenizers=QUICK,
+        storage={"s3": {"endpoint_url": s3_env}},
+        mlflow={"tracking_uri": mlflow_server.tracking_uri, "experiment": "pretokenize-s3"},
+    )
+    shard.run(config)
+    tokenizers_stage.run(config)
+    report = pretokenize.run(config)
+    assert {b: c["samples"] for b, c in report.buckets.items()} == EXPECTED
+    client = moto_server.s3_client()
+    listed = client.list_objects_v2(Bucket="pretokenize-s3", Prefix="ws/tokens/")["Contents"]
+    keys = {item["Key"] for item in listed}
+    assert {"ws/tokens/_SUCCESS.json", "ws/tokens/manifest.parquet", "ws/tokens/stats.json"} <= keys
+    assert not any("/_done/" in key for key in keys)
+    tars = sorted(f"s3://pretokenize-s3/{k}" for k in keys if k.startswith("ws/tokens/text2audio/"))
+    options = {"client_kwargs": {"endpoint_url": s3_env}}
+    samples = list(read_token_samples(tars, storage_options=options))
+    assert len(samples) == EXPECTED["text2audio"]
+    assert all(s.meta["bucket"] == "text2audio" for s in samples)
+    assert pretokenize.run(config).skipped

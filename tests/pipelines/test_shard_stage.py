@@ -17,7 +17,7 @@ from pipelines import shard
 from pipelines.readers import READERS, SplitOptions
 from pipelines.shard_plan import ScanContext, scan_file
 from tests import builders
-from tests.conftest import pipeline_config
+from tests.conftest import pipeline_config, upload_folder
 
 pytestmark = pytest.mark.integration
 COSTS = shard._token_costs(shard.ShardConfig(target_tokens=4000))
@@ -183,19 +183,10 @@ def test_missing_input_fails_fast_naming_the_field(ray_cluster: None, tmp_path: 
     assert not (tmp_path / "ws" / "shards").exists()
 
 
-def _upload(moto_server: MotoServer, bucket: str, sample_corpus: Path) -> None:
-    moto_server.create_bucket(bucket)
-    client = moto_server.s3_client()
-    for path in sorted(sample_corpus.rglob("*")):
-        if path.is_file():
-            key = f"raw/corpus/{path.relative_to(sample_corpus)}"
-            client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
-
-
 def test_s3_input_and_s3_workspace_give_the_same_documents_as_local(
     ray_cluster: None, moto_server: MotoServer, s3_env: str, sample_corpus: Path, tmp_path: Path
 ) -> None:
-    _upload(moto_server, "shard-s3", sample_corpus)
+    upload_folder(moto_server, "shard-s3", "raw/corpus", sample_corpus)
     obelics = tmp_path / "obelics.parquet"
     builders.build_obelics_parquet(sample_corpus, obelics, n_docs=6)
     moto_server.s3_client().put_object(

@@ -1,0 +1,259 @@
+"""Samples/s of ``omni pretokenize`` with 1 and 2 actors against a bare loop, same run.
+
+The corpus is the whole sample corpus (``examples/corpus/docs.jsonl``: 374 documents, 433
+token samples) replicated under new ids until it holds at least ``--documents`` documents;
+media files are shared. ``omni shard`` and a tiny tokenizer warm-up (2 image steps, 2 audio
+steps, 512 text ids: encode speed does not depend on training) run once, untimed. Then
+three variants tokenize the same shards, each on its own fresh copy of the workspace:
+
+- ``bare``: one process, ``torch.set_num_threads(1)``, tokenizers loaded once (timed),
+  ``process_shard`` on every input shard in order with the stage's own ``WorkerSettings``;
+- ``1 actor`` / ``2 actors``: ``pretokenize.run`` with ``pretokenize.actors`` 1 or 2
+  (``cpus_per_actor`` 1) on a Ray instance started before timing.
+
+The main figure of each variant is samples / wall seconds of the whole call, which for the
+stage includes actor start-up (a new worker process importing torch and transformers and
+loading the tokenizers), as in a real run. A steady-state figure leaves start-up out:
+samples / seconds from the first shard an actor starts to the last one any actor finishes,
+read from Ray's own task timeline (``ray.timeline``); the same for the bare loop is samples
+over its ``process_shard`` loop. The variants run alternately (order rotated each repeat)
+``--repeats`` times and the medians are compared.
+
+    python benchmarks/pretokenize_throughput.py [--documents 1100] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from infra.config import validate
+from infra.storage import Storage
+from pipelines import pretokenize, shard, tokenizers_stage
+from pipelines.config import PipelineConfig
+from pipelines.pretokenize_worker import process_shard
+from pipelines.stage_state import read_parquet
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "examples" / "corpus"
+RESULTS = REPO / "benchmarks" / "results"
+TARGET_RATIO = 1.6  # 2 actors against 1 actor
+TARGET_ONE_ACTOR_VS_BARE = 0.85
+VARIANTS = ("bare", "actors1", "actors2")
+QUICK_TOKENIZERS = {
+    "text": {"vocab_size": 512},
+    "warmup": {"image_steps": 2, "audio_steps": 2, "image_batch": 4, "audio_batch": 2},
+}
+
+
+def build_corpus(out: Path, documents: int) -> int:
+    """Write renamed copies of the whole sample corpus; return the number of copies."""
+    docs = [json.loads(line) for line in (SAMPLE / "docs.jsonl").read_text().splitlines() if line]
+    copies = max(1, math.ceil(documents / len(docs)))
+    with out.open("w", encoding="utf-8") as f:
+        for copy in range(copies):
+            for doc in docs:
+                f.write(json.dumps({**doc, "id": f"{doc['id']}~{copy}"}, ensure_ascii=False))
+                f.write("\n")
+    return copies
+
+
+def config_for(workspace: Path, corpus: Path, actors: int, target_tokens: int) -> PipelineConfig:
+    return validate(
+        PipelineConfig,
+        {
+            "workspace": str(workspace),
+            "corpus": {
+                "inputs": [
+                    {
+                        "uri": str(corpus),
+                        "format": "jsonl",
+                        "name": "bench",
+                        "media_root": str(SAMPLE),
+                    }
+                ]
+            },  # fmt: skip
+            "ray": {"num_cpus": 2},
+            "shard": {"target_tokens": target_tokens, "jsonl_split_bytes": 2048},
+            "tokenizers": QUICK_TOKENIZERS,
+            "pretokenize": {"actors": actors, "cpus_per_actor": 1},
+        },
+    )
+
+
+def fresh_workspace(prepared: Path, out: Path) -> Path:
+    """A new workspace holding copies of the prepared shards and tokenizers, no tokens."""
+    for stage in ("shards", "tokenizers"):
+        shutil.copytree(prepared / stage, out / stage)
+    return out
+
+
+def bare_loop(config: PipelineConfig) -> dict[str, Any]:
+    """The baseline: one process, one thread, every shard through ``process_shard`` in order."""
+    started = time.perf_counter()
+    torch.set_num_threads(1)
+    tokenizers = tokenizers_stage.load_tokenizers(config)
+    loaded = time.perf_counter()
+    storage = Storage(config.storage)
+    settings = pretokenize._settings(config, storage, config.workspace)
+    parts = sorted(read_parquet(storage, f"{settings.shards_dir}/manifest.parquet")["path"])
+    samples = 0
+    for part in parts:
+        result = process_shard(str(part), tokenizers, settings)
+        samples += sum(t["samples"] for t in result["tars"])
+    finished = time.perf_counter()
+    return {
+        "seconds": finished - started,
+        "steady_seconds": finished - loaded,
+        "startup_seconds": loaded - started,
+        "samples": samples,
+    }
+
+
+def task_spans(since: float, until: float, name: str) -> list[tuple[str, float, float]]:
+    """(worker, start, end) in epoch seconds of every ``name`` task run in [since, until]."""
+    spans = []
+    for event in ray.timeline():
+        if event.get("cat") != f"task::{name}":
+            continue
+        start = event["ts"] / 1e6
+        end = start + event["dur"] / 1e6
+        if start >= since - 0.5 and end <= until + 0.5:
+            spans.append((event["tid"], start, end))
+    return spans
+
+
+def stage_run(config: PipelineConfig) -> dict[str, Any]:
+    """``pretokenize.run`` timed whole, plus start-up and steady state from Ray's timeline."""
+    wall_started = time.time()
+    started = time.perf_counter()
+    with contextlib.redirect_stderr(io.StringIO()):  # the stage's tqdm bar
+        report = pretokenize.run(config)
+    seconds = time.perf_counter() - started
+    wall_finished = wall_started + seconds
+    assert not report.skipped and report.resumed_shards == 0, report
+    samples = sum(b["samples"] for b in report.buckets.values())
+    inits = task_spans(wall_started, wall_finished, "PretokenizeActor.__init__")
+    shards = task_spans(wall_started, wall_finished, "PretokenizeActor.process")
+    first = min(s for _, s, _ in shards)
+    last = max(e for _, _, e in shards)
+    return {
+        "seconds": seconds,
+        "steady_seconds": last - first,
+        "startup_seconds": first - wall_started,
+        "actor_init_seconds": [round(e - s, 2) for _, s, e in inits],
+        "shard_seconds": [round(e - s, 2) for _, s, e in sorted(shards, key=lambda x: x[1])],
+        "samples": samples,
+        "actors": report.actors,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--documents", type=int, default=1100, help="at least this many docs")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each variant")
+    parser.add_argument("--target-tokens", type=int, default=6000, help="shard.target_tokens")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="pretokenize-bench-"))
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+    try:
+        corpus = workdir / "docs.jsonl"
+        copies = build_corpus(corpus, args.documents)
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address="local", num_cpus=2, object_store_memory=512 * 2**20,
+                 include_dashboard=False, logging_level="WARNING")  # fmt: skip
+        prepared = workdir / "prepared"
+        base = config_for(prepared, corpus, 1, args.target_tokens)
+        setup_started = time.perf_counter()
+        sharded = shard.run(base)
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizers_stage.run(base)
+        print(f"setup: {sharded.documents_out} documents in {sharded.shards} shards "
+              f"({copies} copies), shard + tokenizers {time.perf_counter() - setup_started:.1f}s")  # fmt: skip
+
+        for attempt in range(args.repeats):
+            order = VARIANTS[attempt % 3 :] + VARIANTS[: attempt % 3]
+            for variant in order:
+                workspace = fresh_workspace(prepared, workdir / f"{variant}-{attempt}")
+                actors = 2 if variant == "actors2" else 1
+                config = config_for(workspace, corpus, actors, args.target_tokens)
+                result = bare_loop(config) if variant == "bare" else stage_run(config)
+                runs[variant].append(result)
+                print(f"  repeat {attempt} {variant:8s} {result['samples']} samples "
+                      f"{result['seconds']:6.2f}s (steady {result['steady_seconds']:.2f}s, "
+                      f"start-up {result['startup_seconds']:.2f}s)", flush=True)  # fmt: skip
+        ray.shutdown()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    samples = runs["bare"][0]["samples"]
+    assert all(r["samples"] == samples for rs in runs.values() for r in rs), runs
+    med = {v: statistics.median(r["seconds"] for r in runs[v]) for v in VARIANTS}
+    steady = {v: statistics.median(r["steady_seconds"] for r in runs[v]) for v in VARIANTS}
+    startup = {v: statistics.median(r["startup_seconds"] for r in runs[v]) for v in VARIANTS}
+    rate = {v: samples / med[v] for v in VARIANTS}
+    steady_rate = {v: samples / steady[v] for v in VARIANTS}
+
+    result = {
+        "name": "pretokenize_throughput",
+        "unit": "samples/s",
+        "value": round(rate["actors2"], 1),
+        "baseline": round(rate["actors1"], 1),
+        "ratio": round(rate["actors2"] / rate["actors1"], 3),
+        "target": TARGET_RATIO,
+        "bare_loop": round(rate["bare"], 1),
+        "one_actor_vs_bare": round(rate["actors1"] / rate["bare"], 3),
+        "one_actor_vs_bare_target": TARGET_ONE_ACTOR_VS_BARE,
+        "two_actors_vs_bare": round(rate["actors2"] / rate["bare"], 3),
+        "steady_value": round(steady_rate["actors2"], 1),
+        "steady_baseline": round(steady_rate["actors1"], 1),
+        "steady_bare_loop": round(steady_rate["bare"], 1),
+        "steady_ratio": round(steady_rate["actors2"] / steady_rate["actors1"], 3),
+        "steady_one_actor_vs_bare": round(steady_rate["actors1"] / steady_rate["bare"], 3),
+        "startup_seconds": {v: round(startup[v], 2) for v in VARIANTS},
+        "samples": samples,
+        "documents": runs["bare"][0].get("documents", copies * 374),
+        "shards": sharded.shards,
+        "seconds": {v: [round(r["seconds"], 2) for r in runs[v]] for v in VARIANTS},
+        "steady_seconds": {v: [round(r["steady_seconds"], 2) for r in runs[v]] for v in VARIANTS},
+        "actor_init_seconds": {
+            v: [r["actor_init_seconds"] for r in runs[v]] for v in VARIANTS if v != "bare"
+        },
+        "repeats": args.repeats,
+        "cpus": 2,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "baseline_description": "pretokenize.actors=1 (cpus_per_actor 1), start-up included",
+        "bare_loop_description": "one process, 1 torch thread, process_shard per shard in order",
+        "steady_description": "samples / (last shard end - first shard start), Ray timeline",
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "pretokenize_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"\n{'variant':10s} {'samples/s':>10s} {'seconds':>8s} {'steady/s':>9s} "
+          f"{'start-up s':>10s}")  # fmt: skip
+    for v in VARIANTS:
+        print(f"{v:10s} {rate[v]:10.1f} {med[v]:8.2f} {steady_rate[v]:9.1f} {startup[v]:10.2f}")
+    print(
+        f"2 vs 1 actor: {result['ratio']:.2f}x (target >= {TARGET_RATIO}x), steady "
+        f"{result['steady_ratio']:.2f}x; 1 actor vs bare: {result['one_actor_vs_bare']:.2f}x "
+        f"(target >= {TARGET_ONE_ACTOR_VS_BARE}x), steady {result['steady_one_actor_vs_bare']:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
