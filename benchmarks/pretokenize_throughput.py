@@ -110,10 +110,11 @@ def bare_loop(config: PipelineConfig) -> dict[str, Any]:
     loaded = time.perf_counter()
     storage = Storage(config.storage)
     settings = pretokenize._settings(config, storage, config.workspace)
-    parts = sorted(read_parquet(storage, f"{settings.shards_dir}/manifest.parquet")["path"])
+    manifest = read_parquet(storage, f"{settings.shards_dir}/manifest.parquet")
+    parts = sorted(manifest["path"].to_pylist())
     samples = 0
     for part in parts:
-        result = process_shard(str(part), tokenizers, settings)
+        result = process_shard(part, tokenizers, settings)
         samples += sum(t["samples"] for t in result["tars"])
     finished = time.perf_counter()
     return {
@@ -180,8 +181,8 @@ def main() -> None:
         prepared = workdir / "prepared"
         base = config_for(prepared, corpus, 1, args.target_tokens)
         setup_started = time.perf_counter()
-        sharded = shard.run(base)
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()):  # progress bars
+            sharded = shard.run(base)
             tokenizers_stage.run(base)
         print(f"setup: {sharded.documents_out} documents in {sharded.shards} shards "
               f"({copies} copies), shard + tokenizers {time.perf_counter() - setup_started:.1f}s")  # fmt: skip

@@ -72,28 +72,30 @@ class _Pending:
         return kind, start, len(items)
 
 
-def _prepare(document: dict[str, Any], tokenizers: Tokenizers, pending: _Pending) -> list:
-    """Decode a document's media into ``pending``; TokenizerInputError names the bad one."""
-    slots = []
+def _prepare(document: dict[str, Any], tokenizers: Tokenizers) -> list[tuple[str, list]]:
+    """Decode a document's media: ``[(kind, items), ...]`` per segment, in order.
+
+    Raises TokenizerInputError naming the modality of the first medium that fails, so
+    nothing of a rejected document reaches the encode batches.
+    """
+    decoded = []
     for segment in document["segments"]:
         kind, data = segment["type"], segment["bytes"]
         try:
             if kind == "text":
-                slots.append(pending.add("text", [segment["text"]]))
+                decoded.append((kind, [segment["text"]]))
             elif kind == "image":
-                slots.append(pending.add("image", [tokenizers.image.preprocess(data)]))
+                decoded.append((kind, [tokenizers.image.preprocess(data)]))
             elif kind == "video":
                 frames = read_frames(data, tokenizers.video.frames)
-                slots.append(pending.add("video", list(tokenizers.video.frames_to_pixels(frames))))
+                decoded.append((kind, list(tokenizers.video.frames_to_pixels(frames))))
             elif kind == "audio":
-                slots.append(
-                    pending.add("audio", [tokenizers.audio.preprocess(*decode_audio(data))])
-                )
+                decoded.append((kind, [tokenizers.audio.preprocess(*decode_audio(data))]))
         except TokenizerInputError as error:
             raise TokenizerInputError(f"{kind}: {error}") from error
         except Exception as error:  # a decoder's own exception: same treatment, named
             raise TokenizerInputError(f"{kind}: {type(error).__name__}: {error}") from error
-    return slots
+    return decoded
 
 
 def _encode(pending: _Pending, tokenizers: Tokenizers, settings: WorkerSettings) -> dict:
@@ -103,7 +105,8 @@ def _encode(pending: _Pending, tokenizers: Tokenizers, settings: WorkerSettings)
     ids["text"] = [np.asarray(t, dtype=np.int64) for t in tokenizers.text.encode(pending.texts)]
     for start in range(0, len(pending.pixels), settings.image_batch):
         batch = torch.stack(pending.pixels[start : start + settings.image_batch])
-        ids["image"] += list(image.encode(batch.to(image_device(tokenizers))).cpu().numpy())
+        device = next(image.parameters()).device
+        ids["image"] += list(image.encode(batch.to(device)).cpu().numpy())
     for start in range(0, len(pending.mels), settings.audio_batch):
         encoded = tokenizers.audio.encode_mels(pending.mels[start : start + settings.audio_batch])
         ids["audio"] += [row.numpy() for row in encoded]
@@ -113,10 +116,6 @@ def _encode(pending: _Pending, tokenizers: Tokenizers, settings: WorkerSettings)
         "image": [i.astype(np.int64) + offsets["image"] for i in ids["image"]],
         "audio": [i.astype(np.int64) + offsets["audio"] for i in ids["audio"]],
     }
-
-
-def image_device(tokenizers: Tokenizers) -> torch.device:
-    return next(tokenizers.image.parameters()).device
 
 
 def _quarantine(document: dict[str, Any], reason: str, detail: str) -> dict[str, str]:
@@ -137,10 +136,12 @@ def tokenize_documents(
     pending, accepted, quarantine = _Pending(), [], []
     for document in documents:
         try:
-            accepted.append((document, _prepare(document, tokenizers, pending)))
+            decoded = _prepare(document, tokenizers)
         except TokenizerInputError as error:
             kind = str(error).split(":", 1)[0]
             quarantine.append(_quarantine(document, f"{kind}_rejected", str(error)))
+            continue
+        accepted.append((document, [pending.add(kind, items) for kind, items in decoded]))
     ids = _encode(pending, tokenizers, settings)
     layout_fingerprint = tokenizers.layout.fingerprint()
     samples: dict[str, list[dict[str, bytes]]] = defaultdict(list)
