@@ -12,12 +12,15 @@ three variants tokenize the same shards, each on its own fresh copy of the works
   (``cpus_per_actor`` 1) on a Ray instance started before timing.
 
 The main figure of each variant is samples / wall seconds of the whole call, which for the
-stage includes actor start-up (a new worker process importing torch and transformers and
-loading the tokenizers), as in a real run. A steady-state figure leaves start-up out:
-samples / seconds from the first shard an actor starts to the last one any actor finishes,
-read from Ray's own task timeline (``ray.timeline``); the same for the bare loop is samples
-over its ``process_shard`` loop. The variants run alternately (order rotated each repeat)
-``--repeats`` times and the medians are compared.
+stage includes actor start-up (the worker process importing ``pipelines.pretokenize``, i.e.
+torch, transformers and scipy, then loading the tokenizers), as in a real run. The bare loop
+runs in this process, where all of that is already imported. A steady-state figure leaves
+start-up out: samples / seconds from the moment the first actor is ready (the end of its
+``__init__`` in Ray's task timeline) to the moment the last token tar is written (its
+mtime); for the bare loop, samples over its ``process_shard`` loop. ``fixed_seconds`` (total
+minus steady) and the steady rates give the corpus size at which each target would be met
+with start-up included (``samples_for_target_*``). The variants run alternately (order
+rotated each repeat) ``--repeats`` times and the medians are compared.
 
     python benchmarks/pretokenize_throughput.py [--documents 1100] [--repeats 3]
 """
@@ -28,6 +31,7 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import math
 import os
 import platform
@@ -125,40 +129,47 @@ def bare_loop(config: PipelineConfig) -> dict[str, Any]:
     }
 
 
-def task_spans(since: float, until: float, name: str) -> list[tuple[str, float, float]]:
-    """(worker, start, end) in epoch seconds of every ``name`` task run in [since, until]."""
-    spans = []
-    for event in ray.timeline():
-        if event.get("cat") != f"task::{name}":
-            continue
-        start = event["ts"] / 1e6
-        end = start + event["dur"] / 1e6
-        if start >= since - 0.5 and end <= until + 0.5:
-            spans.append((event["tid"], start, end))
-    return spans
+def actor_inits(since: float, until: float, actors: int) -> list[tuple[float, float]]:
+    """(start, end) in epoch seconds of each actor's ``__init__``, from Ray's task timeline.
+
+    Workers report profile events about once a second, so the timeline is read again until
+    every actor of the run is in it. (The events of the last second of a run never arrive:
+    the pool kills its actors. The end of the run is read from the files it wrote instead.)
+    """
+    for _ in range(10):
+        inits = []
+        for event in ray.timeline():  # waits 1 s for events in flight
+            start = event["ts"] / 1e6
+            end = start + event["dur"] / 1e6
+            if event.get("cat") == "task::PretokenizeActor.__init__" and since <= start <= until:
+                inits.append((start, end))
+        if len(inits) >= actors:
+            return sorted(inits)
+    raise RuntimeError(f"Ray's timeline holds {len(inits)} of the {actors} actors' __init__")
 
 
 def stage_run(config: PipelineConfig) -> dict[str, Any]:
-    """``pretokenize.run`` timed whole, plus start-up and steady state from Ray's timeline."""
+    """``pretokenize.run`` timed whole, and its steady state: from the moment the first
+    actor is ready (its ``__init__``, tokenizers loaded, has returned) to the moment the
+    last token tar is published (its mtime)."""
     wall_started = time.time()
     started = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()):  # the stage's tqdm bar
         report = pretokenize.run(config)
     seconds = time.perf_counter() - started
-    wall_finished = wall_started + seconds
     assert not report.skipped and report.resumed_shards == 0, report
-    samples = sum(b["samples"] for b in report.buckets.values())
-    inits = task_spans(wall_started, wall_finished, "PretokenizeActor.__init__")
-    shards = task_spans(wall_started, wall_finished, "PretokenizeActor.process")
-    first = min(s for _, s, _ in shards)
-    last = max(e for _, _, e in shards)
+    tars = list((Path(config.workspace) / "tokens").glob("*/*.tar"))
+    assert len(tars) == report.tars, (len(tars), report.tars)
+    last_tar = max(tar.stat().st_mtime for tar in tars)
+    inits = actor_inits(wall_started, wall_started + seconds, report.actors)
+    ready = min(end for _, end in inits)
     return {
         "seconds": seconds,
-        "steady_seconds": last - first,
-        "startup_seconds": first - wall_started,
-        "actor_init_seconds": [round(e - s, 2) for _, s, e in inits],
-        "shard_seconds": [round(e - s, 2) for _, s, e in sorted(shards, key=lambda x: x[1])],
-        "samples": samples,
+        "steady_seconds": last_tar - ready,
+        "startup_seconds": ready - wall_started,
+        "actor_init_seconds": [round(end - start, 2) for start, end in inits],
+        "actor_ready_seconds": [round(end - wall_started, 2) for _, end in inits],
+        "samples": sum(b["samples"] for b in report.buckets.values()),
         "actors": report.actors,
     }
 
@@ -176,6 +187,7 @@ def main() -> None:
         corpus = workdir / "docs.jsonl"
         copies = build_corpus(corpus, args.documents)
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        logging.getLogger("ray._private.state").setLevel(logging.ERROR)  # timeline notice
         ray.init(address="local", num_cpus=2, object_store_memory=512 * 2**20,
                  include_dashboard=False, logging_level="WARNING")  # fmt: skip
         prepared = workdir / "prepared"
@@ -184,8 +196,9 @@ def main() -> None:
         with contextlib.redirect_stderr(io.StringIO()):  # progress bars
             sharded = shard.run(base)
             tokenizers_stage.run(base)
+        setup_seconds = time.perf_counter() - setup_started
         print(f"setup: {sharded.documents_out} documents in {sharded.shards} shards "
-              f"({copies} copies), shard + tokenizers {time.perf_counter() - setup_started:.1f}s")  # fmt: skip
+              f"({copies} copies), shard + tokenizers {setup_seconds:.1f}s")  # fmt: skip
 
         for attempt in range(args.repeats):
             order = VARIANTS[attempt % 3 :] + VARIANTS[: attempt % 3]
@@ -207,8 +220,20 @@ def main() -> None:
     med = {v: statistics.median(r["seconds"] for r in runs[v]) for v in VARIANTS}
     steady = {v: statistics.median(r["steady_seconds"] for r in runs[v]) for v in VARIANTS}
     startup = {v: statistics.median(r["startup_seconds"] for r in runs[v]) for v in VARIANTS}
+    fixed = {  # what does not grow with the corpus: start-up, tail, manifest, actor kills
+        v: statistics.median(r["seconds"] - r["steady_seconds"] for r in runs[v]) for v in VARIANTS
+    }
     rate = {v: samples / med[v] for v in VARIANTS}
     steady_rate = {v: samples / steady[v] for v in VARIANTS}
+
+    def samples_for(target: float, faster: str, slower: str) -> int | None:
+        """Corpus size at which ``faster`` reaches ``target`` x ``slower``, start-up included,
+        if seconds = fixed + samples / steady rate; None when the steady rates never get there."""
+        per_sample = 1 / steady_rate[slower] - target / steady_rate[faster]
+        needed = target * fixed[faster] - fixed[slower]
+        if needed <= 0:
+            return 0
+        return math.ceil(needed / per_sample) if per_sample > 0 else None
 
     result = {
         "name": "pretokenize_throughput",
@@ -227,20 +252,28 @@ def main() -> None:
         "steady_ratio": round(steady_rate["actors2"] / steady_rate["actors1"], 3),
         "steady_one_actor_vs_bare": round(steady_rate["actors1"] / steady_rate["bare"], 3),
         "startup_seconds": {v: round(startup[v], 2) for v in VARIANTS},
+        "fixed_seconds": {v: round(fixed[v], 2) for v in VARIANTS},
+        "samples_for_target_ratio": samples_for(TARGET_RATIO, "actors2", "actors1"),
+        "samples_for_target_one_actor_vs_bare": samples_for(
+            TARGET_ONE_ACTOR_VS_BARE, "actors1", "bare"
+        ),
         "samples": samples,
-        "documents": runs["bare"][0].get("documents", copies * 374),
+        "documents": sharded.documents_out,
         "shards": sharded.shards,
         "seconds": {v: [round(r["seconds"], 2) for r in runs[v]] for v in VARIANTS},
         "steady_seconds": {v: [round(r["steady_seconds"], 2) for r in runs[v]] for v in VARIANTS},
-        "actor_init_seconds": {
-            v: [r["actor_init_seconds"] for r in runs[v]] for v in VARIANTS if v != "bare"
+        "actor_init_seconds": {v: [r["actor_init_seconds"] for r in runs[v]] for v in VARIANTS[1:]},
+        "actor_ready_seconds": {
+            v: [r["actor_ready_seconds"] for r in runs[v]] for v in VARIANTS[1:]
         },
         "repeats": args.repeats,
         "cpus": 2,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "baseline_description": "pretokenize.actors=1 (cpus_per_actor 1), start-up included",
-        "bare_loop_description": "one process, 1 torch thread, process_shard per shard in order",
-        "steady_description": "samples / (last shard end - first shard start), Ray timeline",
+        "baseline_description": "pretokenize.actors=1 (cpus_per_actor 1), actor start-up included",
+        "bare_loop_description": "one process, 1 torch thread, tokenizers loaded once (timed), "
+        "process_shard on every shard in order",
+        "steady_description": "samples / (last tar written - first actor ready, from Ray's "
+        "task timeline); bare: samples / the process_shard loop after loading the tokenizers",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "pretokenize_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -249,6 +282,11 @@ def main() -> None:
           f"{'start-up s':>10s}")  # fmt: skip
     for v in VARIANTS:
         print(f"{v:10s} {rate[v]:10.1f} {med[v]:8.2f} {steady_rate[v]:9.1f} {startup[v]:10.2f}")
+    print(
+        f"fixed seconds (start-up etc.): {result['fixed_seconds']}; samples needed for the "
+        f"targets with start-up included: ratio {result['samples_for_target_ratio']}, "
+        f"1 actor vs bare {result['samples_for_target_one_actor_vs_bare']}"
+    )
     print(
         f"2 vs 1 actor: {result['ratio']:.2f}x (target >= {TARGET_RATIO}x), steady "
         f"{result['steady_ratio']:.2f}x; 1 actor vs bare: {result['one_actor_vs_bare']:.2f}x "

@@ -47,7 +47,7 @@ from pipelines.stage_state import (
     success_payload,
     write_marker,
 )
-from pipelines.tokenizers_stage import load_tokenizers
+from tokenization.bundle import Tokenizers
 from tokenization.sequences import SequenceConfig
 
 if TYPE_CHECKING:
@@ -101,12 +101,12 @@ class PretokenizeReport:
 class PretokenizeActor:
     """Holds the tokenizers; tokenizes one input shard per call."""
 
-    def __init__(self, config: PipelineConfig, settings: WorkerSettings, threads: int) -> None:
+    def __init__(self, tokenizers_uri: str, settings: WorkerSettings, threads: int) -> None:
         torch.set_num_threads(max(1, threads))
         gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
         self.device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
         self.gpus = list(gpus)
-        self.tokenizers = load_tokenizers(config, self.device)
+        self.tokenizers = Tokenizers.load_uri(settings.storage, tokenizers_uri, self.device)
         self.settings = settings
 
     def process(self, part: str) -> dict[str, Any]:
@@ -142,8 +142,10 @@ def _run_pool(
         "max_task_retries": section.max_restarts,
     }
     threads = int(section.cpus_per_actor)
+    tokenizers_uri = join(absolute(config.workspace), "tokenizers")
     actors = [
-        PretokenizeActor.options(**options).remote(config, settings, threads) for _ in range(size)
+        PretokenizeActor.options(**options).remote(tokenizers_uri, settings, threads)
+        for _ in range(size)
     ]
     pool = ActorPool(actors)
     results, totals = [], Counter()
@@ -221,7 +223,9 @@ def run(config: PipelineConfig) -> PretokenizeReport:
 
     settings = _settings(config, storage, workspace)
     manifest = read_parquet(storage, join(settings.shards_dir, "manifest.parquet"))
-    parts = sorted(manifest["path"].to_pylist())
+    # Largest shards first: the pool's tail is then a small shard, not a video-heavy one.
+    sizes = dict(zip(manifest["path"].to_pylist(), manifest["bytes"].to_pylist(), strict=True))
+    parts = sorted(sizes, key=lambda path: (-sizes[path], path))
     done = [p for p in parts if storage.exists(marker_uri(stage_dir, p))]
     pending = [p for p in parts if p not in done]
     resumed = [json.loads(storage.read_bytes(marker_uri(stage_dir, p))) for p in done]

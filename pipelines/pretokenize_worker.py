@@ -20,7 +20,7 @@ import torch
 
 from infra.storage import Storage, join
 from pipelines.stage_state import read_parquet
-from pipelines.tokenizers_stage import decode_audio
+from tokenization.audio import decode_audio
 from tokenization.bundle import Tokenizers
 from tokenization.errors import TokenizerInputError
 from tokenization.sequences import SequenceConfig, TokenizedSegment, build_sequences

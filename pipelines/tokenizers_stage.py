@@ -11,7 +11,6 @@ eval: loads the saved tokenizers and reports reconstruction quality on any media
 from __future__ import annotations
 
 import hashlib
-import io
 import tempfile
 import time
 from collections import Counter
@@ -20,17 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import soundfile
 import torch
 
 from infra.config import fingerprint
-from infra.storage import Storage, is_remote, join
+from infra.storage import Storage, join
 from infra.tracking import tracked_run
 from pipelines.corpus import absolute
 from pipelines.documents import extension_of, media_type_of
 from pipelines.stage_state import SUCCESS, read_marker, read_parquet, success_payload, write_marker
-from tokenization.audio import AudioTokenizer
+from tokenization.audio import AudioTokenizer, decode_audio
 from tokenization.bundle import Tokenizers
 from tokenization.errors import TokenizerInputError
 from tokenization.image import ImageTokenizer
@@ -96,12 +94,6 @@ def _nearest_text(segments: list[dict[str, Any]], position: int) -> str | None:
     after = [s["text"] for s in segments[position + 1 :] if s["type"] == "text"]
     before = [s["text"] for s in segments[:position] if s["type"] == "text"]
     return after[0] if after else (before[-1] if before else None)
-
-
-def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
-    """Samples (frames,) or (frames, channels) and the rate; shards hold validated audio."""
-    samples, rate = soundfile.read(io.BytesIO(data), dtype="float32")
-    return samples, rate
 
 
 def collect(
@@ -267,22 +259,7 @@ def load_tokenizers(config: PipelineConfig, device: str = "cpu") -> Tokenizers:
     stage_dir = join(absolute(config.workspace), STAGE)
     if read_marker(storage, stage_dir, SUCCESS) is None:
         raise FileNotFoundError(f"{stage_dir}/_SUCCESS.json not found: run `omni tokenizers train`")
-    if not is_remote(stage_dir):
-        return Tokenizers.load(stage_dir, device)
-    scratch = Path(tempfile.mkdtemp(prefix="tokenizers-"))
-    for name in (
-        "text/tokenizer.json",
-        "text/text_config.json",
-        "image/config.json",
-        "image/model.safetensors",
-        "audio/config.json",
-        "audio/model.safetensors",
-        "video.json",
-        "vocab_layout.json",
-    ):
-        (scratch / name).parent.mkdir(parents=True, exist_ok=True)
-        (scratch / name).write_bytes(storage.read_bytes(join(stage_dir, name)))
-    return Tokenizers.load(scratch, device)
+    return Tokenizers.load_uri(storage, stage_dir, device)
 
 
 def evaluate_media(config: PipelineConfig, media_dir: Path) -> dict[str, Any]:

@@ -11,11 +11,13 @@ Directory layout (``<workspace>/tokenizers/``)::
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from infra.storage import Storage, is_remote, join
 from tokenization.audio import AudioTokenizer
 from tokenization.image import ImageTokenizer
 from tokenization.text import TextTokenizer
@@ -23,6 +25,11 @@ from tokenization.video import VideoConfig, VideoTokenizer
 from tokenization.vocab import VocabLayout
 
 VIDEO_FILE = "video.json"
+SAVED_FILES = (
+    "text/tokenizer.json", "text/text_config.json", "image/config.json",
+    "image/model.safetensors", "audio/config.json", "audio/model.safetensors",
+    VIDEO_FILE, "vocab_layout.json",
+)  # fmt: skip
 
 
 @dataclass
@@ -69,3 +76,14 @@ class Tokenizers:
         )
         tokenizers.layout.check_same(VocabLayout.load(folder), f"tokenizers in {folder}")
         return tokenizers
+
+    @classmethod
+    def load_uri(cls, storage: Storage, uri: str, device: str | torch.device = "cpu") -> Tokenizers:
+        """Load from a local folder or, through ``storage``, from ``s3://`` (via a temp copy)."""
+        if not is_remote(uri):
+            return cls.load(uri, device)
+        scratch = Path(tempfile.mkdtemp(prefix="tokenizers-"))
+        for name in SAVED_FILES:
+            (scratch / name).parent.mkdir(parents=True, exist_ok=True)
+            (scratch / name).write_bytes(storage.read_bytes(join(uri, name)))
+        return cls.load(scratch, device)
