@@ -361,9 +361,11 @@ def run(config: PipelineConfig) -> ShardReport:
                 RUNNING,
                 {"stage": STAGE, "fingerprint": stage_fingerprint, "plan": plan},
             )
+        # Largest shards first: the last task running alone is then a small one.
+        by_size = sorted(plan, key=lambda spec: -spec["est_tokens"])
         written = run_units(
             write_shard,
-            plan,
+            by_size,
             {"context": context},
             cpus_per_unit=shard.cpus_per_task,
             description="shards",
