@@ -40,6 +40,7 @@ from pipelines.pretokenize_worker import (
 from pipelines.stage_state import (
     RUNNING,
     SUCCESS,
+    begin_stage,
     parquet_bytes,
     quarantine_table,
     read_marker,
@@ -202,8 +203,8 @@ def run(config: PipelineConfig) -> PretokenizeReport:
     stage_fingerprint = fingerprint(
         STAGE, config.pretokenize, shards["fingerprint"], tokenizers["fingerprint"]
     )
-    success = read_marker(storage, stage_dir, SUCCESS)
-    if success and success["fingerprint"] == stage_fingerprint:
+    start = begin_stage(storage, stage_dir, stage_fingerprint)
+    if success := start.done:
         return PretokenizeReport(
             stage_dir,
             True,
@@ -214,11 +215,7 @@ def run(config: PipelineConfig) -> PretokenizeReport:
             seconds=time.time() - started,
             notes=["already done with this config: nothing to do"],
         )
-    notes = []
-    previous = success or read_marker(storage, stage_dir, RUNNING)
-    if previous and previous["fingerprint"] != stage_fingerprint:
-        notes.append("config, shards or tokenizers changed: token shards rebuilt from scratch")
-        storage.remove(stage_dir, recursive=True)
+    notes = start.notes
     write_marker(storage, stage_dir, RUNNING, {"stage": STAGE, "fingerprint": stage_fingerprint})
 
     settings = _settings(config, storage, workspace)

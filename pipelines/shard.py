@@ -43,9 +43,9 @@ from pipelines.shard_plan import ScanContext, plan_shards, scan_file
 from pipelines.stage_state import (
     RUNNING,
     SUCCESS,
+    begin_stage,
     parquet_bytes,
     quarantine_table,
-    read_marker,
     read_parquet,
     success_payload,
     write_marker,
@@ -322,17 +322,10 @@ def run(config: PipelineConfig) -> ShardReport:
     stage_dir = join(absolute(config.workspace), "shards")
     files = expand_inputs(config.corpus, storage)
     stage_fingerprint = _fingerprint(config, files)
-    notes: list[str] = []
-
-    success = read_marker(storage, stage_dir, SUCCESS)
-    if success and success.get("fingerprint") == stage_fingerprint:
-        return _report_from_success(stage_dir, success, time.time() - started)
-    running = read_marker(storage, stage_dir, RUNNING)
-    previous = success or running
-    if previous and previous.get("fingerprint") != stage_fingerprint:
-        notes.append("config or inputs changed since the last run: output rebuilt from scratch")
-        storage.remove(stage_dir, recursive=True)
-        running = None
+    start = begin_stage(storage, stage_dir, stage_fingerprint)
+    if start.done:
+        return _report_from_success(stage_dir, start.done, time.time() - started)
+    running, notes = start.running, start.notes
 
     shard = config.shard
     context = _WriteContext(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -41,6 +42,33 @@ def read_marker(storage: Storage, stage_dir: str, name: str) -> dict[str, Any] |
 
 def write_marker(storage: Storage, stage_dir: str, name: str, payload: dict[str, Any]) -> None:
     storage.write_bytes(join(stage_dir, name), json.dumps(payload, indent=2).encode())
+
+
+@dataclass
+class StageStart:
+    """How a stage run begins: already done, resuming an interrupted run, or fresh."""
+
+    done: dict[str, Any] | None  # the matching _SUCCESS payload: nothing to do
+    running: dict[str, Any] | None  # _RUNNING.json of an interrupted run with this fingerprint
+    notes: list[str] = field(default_factory=list)
+
+
+def begin_stage(storage: Storage, stage_dir: str, fingerprint: str) -> StageStart:
+    """Skip-if-done and stale-output handling, shared by every stage.
+
+    Output made with another fingerprint (config or inputs changed) is removed, so a
+    rebuilt stage never mixes old and new files, nor keeps a stale ``_SUCCESS.json``.
+    """
+    success = read_marker(storage, stage_dir, SUCCESS)
+    if success and success.get("fingerprint") == fingerprint:
+        return StageStart(done=success, running=None)
+    running = read_marker(storage, stage_dir, RUNNING)
+    previous = success or running
+    if previous and previous.get("fingerprint") != fingerprint:
+        storage.remove(stage_dir, recursive=True)
+        note = "config or inputs changed since the last run: output rebuilt from scratch"
+        return StageStart(done=None, running=None, notes=[note])
+    return StageStart(done=None, running=running)
 
 
 def success_payload(stage: str, fingerprint: str, started: float, **counts: Any) -> dict:

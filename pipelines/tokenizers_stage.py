@@ -27,7 +27,14 @@ from infra.storage import Storage, join
 from infra.tracking import tracked_run
 from pipelines.corpus import absolute
 from pipelines.documents import extension_of, media_type_of
-from pipelines.stage_state import SUCCESS, read_marker, read_parquet, success_payload, write_marker
+from pipelines.stage_state import (
+    SUCCESS,
+    begin_stage,
+    read_marker,
+    read_parquet,
+    success_payload,
+    write_marker,
+)
 from tokenization.audio import AudioTokenizer, decode_audio
 from tokenization.bundle import Tokenizers
 from tokenization.errors import TokenizerInputError
@@ -150,8 +157,8 @@ def run(config: PipelineConfig) -> TokenizersReport:
     if shards_done is None:
         raise FileNotFoundError(f"{shards_dir}/_SUCCESS.json not found: run `omni shard` first")
     stage_fingerprint = fingerprint(STAGE, config.tokenizers, shards_done["fingerprint"])
-    success = read_marker(storage, stage_dir, SUCCESS)
-    if success and success.get("fingerprint") == stage_fingerprint:
+    start = begin_stage(storage, stage_dir, stage_fingerprint)
+    if success := start.done:
         return TokenizersReport(
             stage_dir,
             True,
@@ -184,6 +191,7 @@ def run(config: PipelineConfig) -> TokenizersReport:
         images=(len(data.train_images), len(data.eval_images)),
         audio=(len(data.train_audio), len(data.eval_audio)),
         rejected_media=dict(rejected),
+        notes=start.notes,
     )
     with tracked_run(config.mlflow, workspace, "tokenizers-warmup", {"stage": STAGE}) as tracker:
         tracker.log_params(settings, prefix="tokenizers.")
