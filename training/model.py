@@ -1,0 +1,485 @@
+"""OmniModel: one Qwen2-family transformer for discrete flow matching (DFM) and its AR baseline.
+
+Inputs (NExT-OMNI): text and special ids use the LM's embedding table (``T + S`` rows; the
+``<MASK>`` row is an ordinary, learned row of it); an image or audio id is looked up in
+the tokenizer's *frozen* codebook and mapped to the hidden size by one light projection
+per modality. Outputs: the LM head predicts the text group (text and special tokens), one
+linear head per media block predicts its codebook ids. Heads run only on the positions a
+caller selects (``head_logits``), never on the full vocabulary at every position.
+
+Attention. The backbone's own modules are driven by a layer loop written here, so masks,
+KV caches and partial recomputation are possible; with ``causal=True`` the loop equals
+``transformers``' Qwen2 forward on the same weights. DFM mode is bidirectional with an
+instruction prefix: query i sees key j iff j is real and (j < n or i >= n), n the
+instruction length: the instruction is encoded without the noisy response (so its
+keys/values are exact to cache), the response sees everything.
+
+Reconstruction objective. The paper trains with
+``L_overall = l1 L_ce + l2 L_rec^V + l3 L_rec^A`` (NExT-OMNI), where the reconstruction
+terms compare decoded images / mel spectrograms with the input. Training here reads
+pre-tokenised shards, so the pixel and mel decoders never run during DFM training; the
+terms survive as regressions in codebook space: from the final hidden state at an image
+(audio) position, ``reconstruct`` predicts a vector whose target is the frozen codebook
+vector of the clean id there (``codebook_targets``). The pixel / mel decoders see nothing
+but those vectors, so a hidden state that recovers them carries what the decoded media
+need; the vectors are fixed, so the target costs a lookup instead of a decoder pass.
+
+Retrieval: the final hidden state at a sample's first ``<EOS>`` is its embedding.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import Qwen2ForCausalLM
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+from tokenization.vocab import VocabLayout
+from training.attention import AttentionMask, Backend, attend, check_right_padded, resolve_backend
+from training.caches import InstructionCache, KVCache, ResponseCache
+from training.dfm import VocabGroups
+from training.media_projection import MediaProjection
+from training.model_config import ModelConfig
+from training.rotary import RotaryTable, rotate
+
+if TYPE_CHECKING:
+    from tokenization.bundle import Tokenizers
+
+MEDIA = ("image", "audio")
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "model_config.json"
+
+
+class OmniModel(nn.Module):
+    """Backbone + media projections + heads; DFM (bidirectional) and AR (causal) forwards."""
+
+    def __init__(self, config: ModelConfig, layout: VocabLayout, codebooks: dict[str, Tensor]):
+        super().__init__()
+        self.config, self.layout = config, layout
+        self.groups = VocabGroups.from_layout(layout)
+        for name in MEDIA:
+            rows = codebooks[name].shape[0]
+            if rows != self.groups.size[name]:
+                raise ValueError(
+                    f"{name} codebook has {rows} vectors, the layout's {name} block "
+                    f"{self.groups.size[name]}"
+                )
+            self.register_buffer(f"codebook_{name}", codebooks[name].detach().float().clone())
+        lm = self._causal_lm(config, self.groups.size["text"])
+        self.backbone, self.lm_head = lm.model, lm.lm_head
+        bb = config.backbone
+        self.head_dim, self.scale = bb.head_dim, bb.head_dim**-0.5
+        embed_std = float(self.backbone.embed_tokens.weight.detach().float().std())
+        self.projections = nn.ModuleDict(
+            {m: MediaProjection(codebooks[m], bb.hidden_size, config.projection, embed_std)
+             for m in MEDIA}
+        )  # fmt: skip
+        self.media_heads = nn.ModuleDict(
+            {m: nn.Linear(bb.hidden_size, self.groups.size[m]) for m in MEDIA}
+        )
+        self.reconstruction = nn.ModuleDict(
+            {m: nn.Linear(bb.hidden_size, codebooks[m].shape[1]) for m in MEDIA}
+        )
+        for head in [*self.media_heads.values(), *self.reconstruction.values()]:
+            nn.init.normal_(head.weight, std=bb.initializer_range)
+            nn.init.zeros_(head.bias)
+        # A fresh float32 inv_freq: the backbone's buffer may have been loaded in bf16.
+        rotary = Qwen2RotaryEmbedding(self.backbone.config)
+        self.rotary = RotaryTable(rotary.inv_freq, float(rotary.attention_scaling))
+        self.to(config.torch_dtype)
+
+    @staticmethod
+    def _causal_lm(config: ModelConfig, text_rows: int) -> Qwen2ForCausalLM:
+        """Random init from the backbone shape, or the local causal LM ``config.pretrained``."""
+        if config.pretrained is None:
+            return Qwen2ForCausalLM(config.backbone.to_qwen2(text_rows))
+        lm = Qwen2ForCausalLM.from_pretrained(
+            config.pretrained, local_files_only=True, dtype=config.torch_dtype
+        )
+        different = config.backbone.mismatches(lm.config)
+        if different:
+            detail = ", ".join(f"backbone.{k}: config {a}, pretrained {b}" for k, (a, b) in
+                               different.items())  # fmt: skip
+            raise ValueError(f"{config.pretrained} does not have the configured shape: {detail}")
+        if "sliding_attention" in lm.config.layer_types:
+            raise ValueError(f"{config.pretrained}: sliding-window attention is not supported")
+        if lm.config.vocab_size != text_rows:
+            lm.resize_token_embeddings(text_rows)
+        return lm
+
+    @classmethod
+    def from_tokenizers(cls, config: ModelConfig, tokenizers: Tokenizers) -> OmniModel:
+        """Build over a :class:`tokenization.bundle.Tokenizers` set (its layout and codebooks)."""
+        codebooks = {
+            "image": tokenizers.image.codebook_vectors(),
+            "audio": tokenizers.audio.codebook_vectors(),
+        }
+        return cls(config, tokenizers.layout, codebooks)
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def backend(self) -> Backend:
+        weight = self.lm_head.weight
+        return resolve_backend(self.config.attention, weight.device, weight.dtype, self.head_dim)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.backbone.layers
+
+    def codebook(self, modality: str) -> Tensor:
+        """Frozen ``(size, d)`` codebook vectors of ``image`` or ``audio``."""
+        if modality not in MEDIA:
+            raise KeyError(f"unknown modality {modality!r}; expected one of {MEDIA}")
+        return getattr(self, f"codebook_{modality}")
+
+    def _qkv(
+        self, layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, L, H) layer input -> rotated q (B, Hq, L, D), rotated k and v (B, Hkv, L, D)."""
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        shape = (*x.shape[:2], -1, self.head_dim)
+        q = attn.q_proj(h).view(shape).transpose(1, 2)
+        k = attn.k_proj(h).view(shape).transpose(1, 2)
+        v = attn.v_proj(h).view(shape).transpose(1, 2)
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+    def _finish(
+        self, layer: nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask
+    ) -> Tensor:
+        """Attention of q over (k, v), output projection, residual, then the MLP block."""
+        out = attend(q, k, v, mask, self.scale, self.backend)
+        x = x + layer.self_attn.o_proj(out.transpose(1, 2).reshape(*x.shape[:2], -1))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def _layer(
+        self, layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask
+    ) -> Tensor:
+        q, k, v = self._qkv(layer, x, cos, sin)
+        return self._finish(layer, x, q, k, v, mask)
+
+    @staticmethod
+    def _key_valid(attention_mask: Tensor | None) -> Tensor | None:
+        """None when there is no padding, so SDPA can take its mask-free (or is_causal) path."""
+        if attention_mask is None:
+            return None
+        check_right_padded(attention_mask)
+        return None if bool(attention_mask.all()) else attention_mask
+
+    # ------------------------------------------------------------------ inputs and outputs
+
+    def embed(self, ids: Tensor) -> Tensor:
+        """Unified ids Long[B, L] -> input vectors (B, L, H).
+
+        Every position gets all three candidates (an embedding row, and each modality's
+        projected codebook vector at a clamped local id) and keeps its group's: no data-
+        dependent indexing, so no GPU synchronisation; the projections are tiny next to a
+        transformer layer.
+        """
+        group = self.groups.group_of(ids.contiguous())
+        text_rows = self.groups.size["text"]
+        out = self.backbone.embed_tokens(ids.clamp(max=text_rows - 1))
+        for name in MEDIA:
+            local = (ids - self.groups.start[name]).clamp(0, self.groups.size[name] - 1)
+            vectors = self.projections[name](self.codebook(name)[local].to(out.dtype))
+            out = torch.where((group == self.groups.index(name))[..., None], vectors, out)
+        return out
+
+    def head_logits(self, hidden: Tensor, group: str) -> Tensor:
+        """Float[N, H] hidden states at selected positions -> Float[N, size[group]] logits.
+
+        Indices are local ids of the group (for ``text`` they equal unified ids).
+        """
+        if group == "text":
+            return self.lm_head(hidden)
+        if group not in self.media_heads:
+            raise KeyError(f"unknown head group {group!r}; expected one of {self.groups.names}")
+        return self.media_heads[group](hidden)
+
+    def reconstruct(self, hidden: Tensor, modality: str) -> Tensor:
+        """Float[N, H] final hidden at ``modality`` positions -> Float[N, d_m] codebook vector."""
+        if modality not in MEDIA:
+            raise KeyError(f"unknown modality {modality!r}; expected one of {MEDIA}")
+        return self.reconstruction[modality](hidden)
+
+    def codebook_targets(self, ids: Tensor, modality: str) -> Tensor:
+        """Long[N] clean unified ids of ``modality`` -> Float[N, d_m] frozen codebook vectors."""
+        book = self.codebook(modality)
+        local = ids - self.groups.start[modality]
+        if local.numel() and (int(local.min()) < 0 or int(local.max()) >= book.shape[0]):
+            raise ValueError(f"ids outside the {modality} block of the vocabulary")
+        return book[local]
+
+    # ------------------------------------------------------------------ full forwards
+
+    def forward(
+        self,
+        ids: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        instruction_lengths: Tensor | None = None,
+        causal: bool = False,
+    ) -> Tensor:
+        """Long[B, L] unified ids -> Float[B, L, H] final-normed hidden states.
+
+        attention_mask: Bool[B, L], True = real token, right padding. instruction_lengths:
+        Long[B] (DFM mode) or None = fully bidirectional. causal=True: AR mode (j <= i).
+        Hidden states at padding positions are unspecified.
+        """
+        if causal and instruction_lengths is not None:
+            raise ValueError("instruction_lengths is a DFM-mode mask; AR mode is causal only")
+        mask = AttentionMask(self._key_valid(attention_mask), causal, instruction_lengths)
+        x = self.embed(ids)
+        cos, sin = self.rotary.table(ids.shape[1], x.dtype, ids.device)
+        recompute = self.config.gradient_checkpointing and self.training
+        for layer in self.layers:
+            if recompute and torch.is_grad_enabled():
+                x = checkpoint(self._layer, layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = self._layer(layer, x, cos, sin, mask)
+        return self.backbone.norm(x)
+
+    def eos_embedding(
+        self,
+        ids: Tensor,
+        attention_mask: Tensor | None = None,
+        instruction_lengths: Tensor | None = None,
+    ) -> Tensor:
+        """Float[B, H]: the DFM-mode hidden state at each row's first real ``<EOS>``."""
+        eos = ids == self.layout.special_id("<EOS>")
+        if attention_mask is not None:
+            eos = eos & attention_mask
+        missing = (~eos.any(1)).nonzero().flatten().tolist()
+        if missing:
+            raise ValueError(f"rows {missing} have no <EOS> token")
+        hidden = self.forward(
+            ids, attention_mask=attention_mask, instruction_lengths=instruction_lengths
+        )
+        first = eos.int().argmax(1)  # argmax returns the first maximal index
+        return hidden[torch.arange(ids.shape[0], device=ids.device), first]
+
+    # ------------------------------------------------------------------ DFM caches
+
+    def encode_instruction(
+        self, ids: Tensor, attention_mask: Tensor | None = None
+    ) -> InstructionCache:
+        """Long[B, P] instruction (right padded) -> its per-layer keys and values.
+
+        The last layer's attention output and MLP feed nothing cached, so they are skipped.
+        """
+        key_valid = self._key_valid(attention_mask)
+        lengths = (
+            attention_mask.sum(1)
+            if attention_mask is not None
+            else torch.full((ids.shape[0],), ids.shape[1], device=ids.device)
+        )
+        mask = AttentionMask(key_valid)
+        x = self.embed(ids)
+        cos, sin = self.rotary.table(ids.shape[1], x.dtype, ids.device)
+        keys, values = [], []
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, x, cos, sin)
+            keys.append(k)
+            values.append(v)
+            if index < last:
+                x = self._finish(layer, x, q, k, v, mask)
+        return InstructionCache(keys, values, lengths, key_valid)
+
+    def forward_response(
+        self,
+        response: Tensor,
+        instruction: InstructionCache,
+        cache: ResponseCache | None = None,
+        refresh_ratio: float | None = None,
+        refresh_threshold: float | None = None,
+    ) -> tuple[Tensor, ResponseCache]:
+        """Long[B, R] response canvas -> (Float[B, R, H] hidden, the updated ResponseCache).
+
+        Response position r of row b has rotary position ``lengths[b] + r`` and attends to
+        the instruction's cached keys/values and every response position. Without a cache
+        every position is computed. With one, each layer (dLLM-Cache, arXiv 2506.06295)
+        computes the value vectors of all positions from its current input, recomputes only
+        the positions whose value moved most (lowest cosine similarity to the cached one:
+        the ``refresh_ratio`` fraction, or all below ``refresh_threshold``; at least one per
+        row) and takes the cached layer output for the rest. Rows recompute the same count
+        (the largest over the batch), so the work stays batched gathers.
+        """
+        batch, length = response.shape
+        if cache is not None:
+            cached = cache.outputs[0].shape[:2]
+            if tuple(cached) != (batch, length):
+                raise ValueError(f"cache holds {tuple(cached)} (B, R), got {(batch, length)}")
+            if (refresh_ratio is None) == (refresh_threshold is None):
+                raise ValueError(
+                    "with a cache give exactly one of refresh_ratio, refresh_threshold"
+                )
+            if refresh_ratio is not None and not 0 < refresh_ratio <= 1:
+                raise ValueError(f"refresh_ratio must lie in (0, 1], got {refresh_ratio}")
+        prompt = instruction.keys[0].shape[2]
+        key_valid = instruction.key_valid
+        if key_valid is not None:
+            key_valid = torch.cat([key_valid, key_valid.new_ones(batch, length)], dim=1)
+        mask = AttentionMask(key_valid)
+        x = self.embed(response)
+        offsets = torch.arange(length, device=response.device)
+        cos, sin = self.rotary.at(instruction.lengths[:, None] + offsets, prompt + length, x.dtype)
+        keys, values, outputs, recomputed = [], [], [], 0
+        layers = zip(self.layers, instruction.keys, instruction.values, strict=True)
+        for index, (layer, prompt_k, prompt_v) in enumerate(layers):
+            if cache is None:
+                q, k, v = self._qkv(layer, x, cos, sin)
+                x = self._finish(layer, x, q, _cat(prompt_k, k), _cat(prompt_v, v), mask)
+                recomputed += batch * length
+            else:
+                x, k, v, count = self._refresh_layer(
+                    layer, x, cos, sin, (prompt_k, prompt_v), cache, index, mask,
+                    refresh_ratio, refresh_threshold,
+                )  # fmt: skip
+                recomputed += batch * count
+            keys.append(k)
+            values.append(v)
+            outputs.append(x)
+        return self.backbone.norm(x), ResponseCache(keys, values, outputs, recomputed)
+
+    def _refresh_layer(
+        self,
+        layer: nn.Module,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        prompt: tuple[Tensor, Tensor],
+        cache: ResponseCache,
+        index: int,
+        mask: AttentionMask,
+        ratio: float | None,
+        threshold: float | None,
+    ) -> tuple[Tensor, Tensor, Tensor, int]:
+        """One layer of the cached response pass: (layer output, keys, values, positions/row)."""
+        attn = layer.self_attn
+        batch, length, hidden = x.shape
+        h = layer.input_layernorm(x)
+        v_all = attn.v_proj(h)  # (B, R, Hkv * D)
+        old_v = cache.values[index].transpose(1, 2).reshape(batch, length, -1)
+        similarity = F.cosine_similarity(v_all, old_v, dim=-1)  # (B, R)
+        if ratio is not None:
+            count = max(1, math.ceil(ratio * length - 1e-9))
+        else:
+            count = max(1, int((similarity < threshold).sum(1).max()))
+        picked = similarity.topk(count, dim=1, largest=False).indices.sort(dim=1).values
+        rows = picked[:, :, None]
+        heads = picked[:, None, :, None]
+        h_sel = h.gather(1, rows.expand(-1, -1, hidden))
+        shape = (batch, count, -1, self.head_dim)
+        q = attn.q_proj(h_sel).view(shape).transpose(1, 2)
+        k = attn.k_proj(h_sel).view(shape).transpose(1, 2)
+        v = v_all.view(batch, length, -1, self.head_dim).transpose(1, 2)
+        v = v.gather(2, heads.expand(-1, v.shape[1], -1, self.head_dim))
+        cos_sel = cos.gather(2, heads.expand(-1, -1, -1, self.head_dim))
+        sin_sel = sin.gather(2, heads.expand(-1, -1, -1, self.head_dim))
+        q, k = rotate(q, cos_sel, sin_sel), rotate(k, cos_sel, sin_sel)
+        slots = heads.expand(-1, k.shape[1], -1, self.head_dim)
+        keys = cache.keys[index].scatter(2, slots, k)
+        values = cache.values[index].scatter(2, slots, v)
+        x_sel = x.gather(1, rows.expand(-1, -1, hidden))
+        out_sel = self._finish(
+            layer, x_sel, q, _cat(prompt[0], keys), _cat(prompt[1], values), mask
+        )
+        out = cache.outputs[index].scatter(1, rows.expand(-1, -1, hidden), out_sel)
+        return out, keys, values, count
+
+    # ------------------------------------------------------------------ AR mode
+
+    @torch.no_grad()
+    def ar_prefill(
+        self, ids: Tensor, attention_mask: Tensor | None = None, capacity: int | None = None
+    ) -> KVCache:
+        """Causal pass over a right-padded prompt Long[B, P] -> a KVCache to decode from.
+
+        ``capacity`` pre-allocates room for the tokens to come (the cache grows anyway).
+        Inference only: the cache is written in place.
+        """
+        batch, length = ids.shape
+        key_valid = self._key_valid(attention_mask)
+        lengths = (
+            attention_mask.sum(1)
+            if attention_mask is not None
+            else torch.full((batch,), length, device=ids.device)
+        )
+        mask = AttentionMask(key_valid, causal=True)
+        x = self.embed(ids)
+        cos, sin = self.rotary.table(length, x.dtype, ids.device)
+        keys, values = [], []
+        for layer in self.layers:
+            q, k, v = self._qkv(layer, x, cos, sin)
+            keys.append(k)
+            values.append(v)
+            x = self._finish(layer, x, q, k, v, mask)
+        hidden = self.backbone.norm(x)
+        last = hidden[torch.arange(batch, device=ids.device), lengths - 1]
+        kv = KVCache(keys, values, length, key_valid, lengths.clone(), last)
+        kv.reserve(capacity or length)
+        return kv
+
+    @torch.no_grad()
+    def ar_step(self, ids: Tensor, kv: KVCache) -> Tensor:
+        """Append Long[B, n] tokens causally to ``kv`` -> their Float[B, n, H] hidden states."""
+        count = ids.shape[1]
+        start, end = kv.length, kv.length + count
+        kv.reserve(end)
+        key_valid = None if kv.key_valid is None else kv.key_valid[:, :end]
+        mask = AttentionMask(key_valid, causal=True)
+        x = self.embed(ids)
+        positions = kv.positions[:, None] + torch.arange(count, device=ids.device)
+        cos, sin = self.rotary.at(positions, end, x.dtype)
+        for layer, keys, values in zip(self.layers, kv.keys, kv.values, strict=True):
+            q, k, v = self._qkv(layer, x, cos, sin)
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = v
+            x = self._finish(layer, x, q, keys[:, :, :end], values[:, :, :end], mask)
+        kv.length = end
+        kv.positions = kv.positions + count
+        hidden = self.backbone.norm(x)
+        kv.last_hidden = hidden[:, -1]
+        return hidden
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, directory: str | Path) -> None:
+        """Weights (safetensors, tied tensors once), model config and vocabulary layout."""
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(self, str(folder / WEIGHTS_FILE))
+        # The weights now live here: a reload must not start from the pretrained LM again.
+        config = self.config.model_copy(update={"pretrained": None})
+        (folder / CONFIG_FILE).write_text(config.model_dump_json(indent=2))
+        self.layout.save(folder)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> OmniModel:
+        """Rebuild a model written by :meth:`save` (on the CPU)."""
+        folder = Path(directory)
+        config = ModelConfig.model_validate_json((folder / CONFIG_FILE).read_text())
+        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as weights:
+            codebooks = {m: weights.get_tensor(f"codebook_{m}") for m in MEDIA}
+        model = cls(config, VocabLayout.load(folder), codebooks)
+        load_model(model, str(folder / WEIGHTS_FILE))
+        return model
+
+
+def _cat(prompt: Tensor, response: Tensor) -> Tensor:
+    """Instruction then response along the sequence axis of ``(B, Hkv, L, D)``."""
+    return torch.cat([prompt, response], dim=2)
