@@ -31,6 +31,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/shard_throughput.py
+	$(BIN)/python benchmarks/tokenize_throughput.py
+	$(BIN)/python benchmarks/pretokenize_throughput.py
+	$(BIN)/python benchmarks/generation_speed.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
