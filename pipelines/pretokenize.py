@@ -4,19 +4,26 @@ A pool of Ray actors, each loading the tokenizers once, takes input shards one a
 (``pipelines.pretokenize_worker``). An actor asks for ``pretokenize.num_gpus`` GPUs when
 the cluster has any, CPUs otherwise; it encodes on CUDA when it got a GPU.
 
-``ray.util.ActorPool`` rather than Ray Data ``map_batches`` with an actor class: the unit
+An actor pool rather than Ray Data ``map_batches`` with an actor class: the unit
 is a whole input shard whose outputs (tars, a marker) the actor publishes itself, so there
 is no block stream to return; one task per shard keeps resume and retry at shard
 granularity, and Ray Data's streaming executor measured slower on units of this shape
 (see ``pipelines/ray_units.py``). An actor whose process dies is restarted (tokenizers
 reloaded) and its task retried by Ray; shards are idempotent, so nothing is duplicated.
+
+When a shard kills its actor on every retry, a medium in it crashes a decoder natively
+(a segfault in a C library cannot be caught in Python). The actor is replaced, each of
+the shard's documents is tokenized alone in a throwaway Ray task, the documents whose
+task dies are quarantined (``decoder_crashed``), and the shard is processed once more
+without them: one bad medium never fails its shard.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +31,7 @@ import pyarrow as pa
 import ray
 import torch
 from pydantic import Field
-from ray.util import ActorPool
+from ray.exceptions import RayActorError, WorkerCrashedError
 from tqdm import tqdm
 
 from infra.config import Section, fingerprint
@@ -36,6 +43,8 @@ from pipelines.pretokenize_worker import (
     WorkerSettings,
     marker_uri,
     process_shard,
+    read_documents,
+    tokenize_documents,
 )
 from pipelines.stage_state import (
     RUNNING,
@@ -110,9 +119,34 @@ class PretokenizeActor:
         self.tokenizers = Tokenizers.load_uri(settings.storage, tokenizers_uri, self.device)
         self.settings = settings
 
-    def process(self, part: str) -> dict[str, Any]:
-        result = process_shard(part, self.tokenizers, self.settings)
+    def process(self, part: str, crashed: Mapping[str, str] | None = None) -> dict[str, Any]:
+        result = process_shard(part, self.tokenizers, self.settings, crashed)
         return {**result, "device": self.device, "gpus": self.gpus}
+
+
+@ray.remote(max_retries=0)
+def _tokenize_alone(tokenizers_uri: str, settings: WorkerSettings, document: dict) -> None:
+    """Tokenize one document in a worker of its own; its death names a crashing medium."""
+    torch.set_num_threads(1)
+    tokenize_documents([document], Tokenizers.load_uri(settings.storage, tokenizers_uri), settings)
+
+
+def _crashing_documents(
+    part: str, settings: WorkerSettings, tokenizers_uri: str, resources: dict[str, float]
+) -> dict[str, str]:
+    """Document id -> reason, for each document of ``part`` whose worker dies tokenizing it."""
+    documents = read_documents(part, settings)
+    tasks = {
+        _tokenize_alone.options(**resources).remote(tokenizers_uri, settings, d): d["id"]
+        for d in documents
+    }
+    crashed = {}
+    for task, document_id in tasks.items():
+        try:
+            ray.get(task)
+        except WorkerCrashedError as error:
+            crashed[document_id] = f"the worker process died tokenizing it: {error}"[:500]
+    return crashed
 
 
 def _settings(config: PipelineConfig, storage: Storage, workspace: str) -> WorkerSettings:
@@ -132,32 +166,62 @@ def _settings(config: PipelineConfig, storage: Storage, workspace: str) -> Worke
 def _run_pool(
     config: PipelineConfig, settings: WorkerSettings, parts: list[str]
 ) -> tuple[list[dict[str, Any]], int]:
-    """Tokenize ``parts`` on an actor pool; returns the results and the pool size."""
+    """Tokenize ``parts`` on a pool of actors, one shard per call, largest first.
+
+    Written out rather than ``ray.util.ActorPool``: a shard that keeps killing its actor
+    must not end the stage, so the loop replaces dead actors and re-queues the shard with
+    its crashing documents found (``_crashing_documents``). Returns (results, pool size).
+    """
     section = config.pretokenize
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    size = max(1, min(section.actors, len(parts)))
-    options = {
+    resources = {
         "num_cpus": section.cpus_per_actor,
         "num_gpus": section.num_gpus if has_gpus else 0,
+    }
+    options = {
+        **resources,
         "max_restarts": section.max_restarts,
         "max_task_retries": section.max_restarts,
     }
     threads = int(section.cpus_per_actor)
     tokenizers_uri = join(absolute(config.workspace), "tokenizers")
-    actors = [
-        PretokenizeActor.options(**options).remote(tokenizers_uri, settings, threads)
-        for _ in range(size)
-    ]
-    pool = ActorPool(actors)
+
+    def start_actor() -> Any:
+        return PretokenizeActor.options(**options).remote(tokenizers_uri, settings, threads)
+
+    size = max(1, min(section.actors, len(parts)))
+    idle = [start_actor() for _ in range(size)]
+    queue, running = deque(parts), {}
+    crashed: dict[str, dict[str, str]] = {}
     results, totals = [], Counter()
     with tqdm(total=len(parts), desc="pretokenize", unit="shard", dynamic_ncols=True) as bar:
-        for result in pool.map_unordered(lambda actor, part: actor.process.remote(part), parts):
+        while queue or running:
+            while idle and queue:
+                actor, part = idle.pop(), queue.popleft()
+                running[actor.process.remote(part, crashed.get(part))] = (actor, part)
+            [ready], _ = ray.wait(list(running), num_returns=1)
+            actor, part = running.pop(ready)
+            try:
+                result = ray.get(ready)
+            except RayActorError as error:  # died on every retry Ray gave the task
+                ray.kill(actor)
+                if part in crashed:
+                    raise RuntimeError(
+                        f"shard {part} killed its actor again with {sorted(crashed[part])} "
+                        f"quarantined; no single document reproduces it: {error}"
+                    ) from error
+                bar.write(f"{part}: the actor died on every retry; finding the document")
+                crashed[part] = _crashing_documents(part, settings, tokenizers_uri, resources)
+                queue.appendleft(part)
+                idle.append(start_actor())
+                continue
+            idle.append(actor)
             results.append(result)
             totals["samples"] += sum(t["samples"] for t in result["tars"])
             totals["quarantined"] += len(result["quarantine"])
             bar.set_postfix(samples=totals["samples"], quarantined=totals["quarantined"])
             bar.update(1)
-    for actor in actors:
+    for actor in idle:
         ray.kill(actor)
     return results, size
 

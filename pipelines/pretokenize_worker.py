@@ -5,6 +5,11 @@ document, never the shard), then encoded in batches per modality: all texts in o
 call, images and video frames in image batches, audio clips in audio batches. Each
 document then yields its sequences per bucket (``tokenization.sequences``), written as
 WebDataset tars ``tokens/<bucket>/<shard>-<chunk>.tar`` and, last, a marker listing them.
+
+A medium that crashes its decoder outright (a native segfault or abort, not a Python
+exception) kills the process instead; the driver then finds the document on its own
+(``pipelines.pretokenize``) and the shard is processed again with it passed in
+``crashed``, so it is quarantined unread and the rest of the shard goes through.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,19 +173,36 @@ def tokenize_documents(
     return samples, quarantine
 
 
-def process_shard(part: str, tokenizers: Tokenizers, settings: WorkerSettings) -> dict[str, Any]:
+def read_documents(part: str, settings: WorkerSettings) -> list[dict[str, Any]]:
+    """The rows (documents, media bytes embedded) of input shard ``part``."""
+    return read_parquet(settings.storage, join(settings.shards_dir, part)).to_pylist()
+
+
+def process_shard(
+    part: str,
+    tokenizers: Tokenizers,
+    settings: WorkerSettings,
+    crashed: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """Tokenize one input shard and publish its tars; idempotent through its marker.
 
     Tars are written atomically under deterministic names, the marker last: a worker
     killed half-way leaves no marker, and the retry rewrites the same tars with the same
-    content, so no sample is lost or duplicated.
+    content, so no sample is lost or duplicated. ``crashed``: document id -> why; those
+    documents crashed a worker and are quarantined without being decoded again.
     """
     storage = settings.storage
     marker = marker_uri(settings.tokens_dir, part)
     if storage.exists(marker):
         return {**json.loads(storage.read_bytes(marker)), "resumed": True}
-    documents = read_parquet(storage, join(settings.shards_dir, part)).to_pylist()
-    samples, quarantine = tokenize_documents(documents, tokenizers, settings)
+    documents = read_documents(part, settings)
+    crashed = crashed or {}
+    samples, quarantine = tokenize_documents(
+        [d for d in documents if d["id"] not in crashed], tokenizers, settings
+    )
+    quarantine += [
+        _quarantine(d, "decoder_crashed", crashed[d["id"]]) for d in documents if d["id"] in crashed
+    ]
     number = int(part.removeprefix("part-").removesuffix(".parquet"))
     tars, stats = [], {}
     for bucket in sorted(samples):

@@ -23,7 +23,8 @@ import webdataset as wds
 from infra.services import MlflowServer, MotoServer
 from pipelines import pretokenize, shard, tokenizers_stage
 from tests import builders
-from tests.conftest import pipeline_config, upload_folder
+from tests.conftest import REPO, pipeline_config, upload_folder
+from tests.pipelines.crash_hook import POISON
 from tokenization.token_samples import read_token_samples
 from tokenization.vocab import VocabLayout
 
@@ -251,6 +252,56 @@ def test_a_killed_job_resumes_without_losing_or_doubling(ray_cluster: None, tmp_
     assert report.resumed_shards >= 2
     keys = all_keys(tmp_path / "ws" / "tokens")
     assert len(keys) == len(set(keys)) == 2 * sum(EXPECTED.values())
+
+
+def test_a_medium_that_crashes_its_decoder_is_quarantined_alone(
+    ray_cluster: None, tmp_path: Path
+) -> None:
+    """An image whose decoding aborts the process (like a native segfault) on every try:
+    the shard still finishes, that document alone is quarantined, every other sample is
+    written once."""
+    media = tmp_path / "poison_media"
+    media.mkdir()
+    image = (CORPUS / "media" / "images" / "astronaut.jpg").read_bytes()
+    (media / "poison.jpg").write_bytes(image + POISON)  # still a valid JPEG to Pillow
+    poison = tmp_path / "poison.jsonl"
+    segments = [{"type": "image", "path": "poison.jpg"}, {"type": "text", "text": "A poison."}]
+    builders.write_jsonl(poison, [{"id": "poisoned", "segments": segments}])
+    inputs = [
+        {"uri": str(CORPUS / "docs.jsonl"), "format": "jsonl", "name": "corpus"},
+        {"uri": str(poison), "format": "jsonl", "name": "poison", "media_root": str(media)},
+    ]
+    config = pipeline_config(
+        tmp_path / "ws", inputs, tokenizers=QUICK, pretokenize={"max_restarts": 1}
+    )
+    shard.run(config)
+    tokenizers_stage.run(config)
+    config_path = tmp_path / "config.json"
+    config_path.write_text(config.model_dump_json())
+    script = (
+        "import ray, json;"
+        "ray.init(address='local', num_cpus=2, include_dashboard=False, runtime_env="
+        "{'worker_process_setup_hook': 'tests.pipelines.crash_hook.install'});"
+        "from pipelines.config import load_pipeline_config; from pipelines import pretokenize;"
+        f"r = pretokenize.run(load_pipeline_config({str(config_path)!r}));"
+        "print(json.dumps({'quarantined': r.quarantined, 'buckets': r.buckets}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["quarantined"] == {"decoder_crashed": 1}
+    rows = pq.read_table(tmp_path / "ws" / "tokens" / "quarantine.parquet").to_pylist()
+    assert [(r["native_id"], r["reason"]) for r in rows] == [("poisoned", "decoder_crashed")]
+    assert "worker process died" in rows[0]["detail"]
+    keys = all_keys(tmp_path / "ws" / "tokens")
+    assert len(keys) == len(set(keys)) == sum(EXPECTED.values())
+    assert not any(key.startswith("poison") for key in keys)
 
 
 def test_actors_request_a_gpu_when_the_cluster_has_one(sample_run: tuple, tmp_path: Path) -> None:
