@@ -68,6 +68,27 @@ def all_keys(tokens_dir: Path) -> list[str]:
     return keys
 
 
+def run_in_own_ray(config_path: Path, init_kwargs: str) -> dict:
+    """``pretokenize.run`` in a fresh process on its own local Ray, started with the extra
+    ``ray.init`` keyword arguments ``init_kwargs`` (Python source); returns the report."""
+    script = (
+        "import dataclasses, json, ray;"
+        f"ray.init(address='local', num_cpus=2, include_dashboard=False, {init_kwargs});"
+        "from pipelines.config import load_pipeline_config; from pipelines import pretokenize;"
+        f"r = pretokenize.run(load_pipeline_config({str(config_path)!r}));"
+        "print(json.dumps(dataclasses.asdict(r)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def sample_run(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None) -> tuple:
     workspace = tmp_path_factory.mktemp("pretokenize")
@@ -278,24 +299,9 @@ def test_a_medium_that_crashes_its_decoder_is_quarantined_alone(
     tokenizers_stage.run(config)
     config_path = tmp_path / "config.json"
     config_path.write_text(config.model_dump_json())
-    script = (
-        "import ray, json;"
-        "ray.init(address='local', num_cpus=2, include_dashboard=False, runtime_env="
-        "{'worker_process_setup_hook': 'tests.pipelines.crash_hook.install'});"
-        "from pipelines.config import load_pipeline_config; from pipelines import pretokenize;"
-        f"r = pretokenize.run(load_pipeline_config({str(config_path)!r}));"
-        "print(json.dumps({'quarantined': r.quarantined, 'buckets': r.buckets}))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["quarantined"] == {"decoder_crashed": 1}
+    hook = {"worker_process_setup_hook": "tests.pipelines.crash_hook.install"}
+    report = run_in_own_ray(config_path, f"runtime_env={hook!r}")
+    assert report["quarantined"] == {"decoder_crashed": 1}
     rows = pq.read_table(tmp_path / "ws" / "tokens" / "quarantine.parquet").to_pylist()
     assert [(r["native_id"], r["reason"]) for r in rows] == [("poisoned", "decoder_crashed")]
     assert "worker process died" in rows[0]["detail"]
@@ -317,23 +323,8 @@ def test_actors_request_a_gpu_when_the_cluster_has_one(sample_run: tuple, tmp_pa
     data["workspace"] = str(workspace)
     data["pretokenize"]["actors"] = 1
     config_path.write_text(json.dumps(data))
-    script = (
-        "import ray, json, sys;"
-        "ray.init(address='local', num_cpus=2, num_gpus=1, include_dashboard=False);"
-        "from pipelines.config import load_pipeline_config; from pipelines import pretokenize;"
-        f"r = pretokenize.run(load_pipeline_config({str(config_path)!r}));"
-        "print(json.dumps({'devices': r.devices, 'gpus': r.gpu_ids}))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result == {"devices": ["cpu"], "gpus": ["0"]}  # scheduled on the GPU, CUDA absent
+    report = run_in_own_ray(config_path, "num_gpus=1")
+    assert (report["devices"], report["gpu_ids"]) == (["cpu"], ["0"])  # GPU assigned, no CUDA
 
 
 def test_an_s3_workspace_end_to_end(
