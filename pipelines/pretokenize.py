@@ -21,6 +21,7 @@ without them: one bad medium never fails its shard.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Mapping
@@ -210,7 +211,8 @@ def _run_pool(
                         f"shard {part} killed its actor again with {sorted(crashed[part])} "
                         f"quarantined; no single document reproduces it: {error}"
                     ) from error
-                bar.write(f"{part}: the actor died on every retry; finding the document")
+                message = f"{part}: its actor died on every retry; isolating the document"
+                bar.write(message, sys.stderr)
                 crashed[part] = _crashing_documents(part, settings, tokenizers_uri, resources)
                 queue.appendleft(part)
                 idle.append(start_actor())

@@ -14,19 +14,26 @@ Media are read and written exactly once. A killed run is started again with the 
 command: the saved plan is reused and shards whose stats marker exists are skipped, so
 the result holds exactly the documents of an uninterrupted run. ``_SUCCESS.json`` is
 written last; a run with the same fingerprint then does nothing.
+
+A medium that crashes its decoder natively (a segfault kills the task's worker on every
+retry) is found by bisection over the shard's documents in throwaway tasks
+(``ray_units.find_crashing``); the shard is then written with it quarantined as
+``decoder_crashed``, so one bad medium never fails its shard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import ray
 from pydantic import Field
 from tqdm import tqdm
 
@@ -37,7 +44,7 @@ from pipelines.corpus import InputFile, absolute, expand_inputs
 from pipelines.document_validation import TokenCosts, accept
 from pipelines.documents import RawDocument, Rejected
 from pipelines.media_checks import MediaLimits
-from pipelines.ray_units import run_units
+from pipelines.ray_units import find_crashing, run_units
 from pipelines.readers import READERS, Split, SplitOptions
 from pipelines.shard_plan import ScanContext, plan_shards, scan_file
 from pipelines.stage_state import (
@@ -201,6 +208,7 @@ def write_shard(row: dict[str, Any], context: _WriteContext) -> dict[str, Any]:
     if storage.exists(stats_uri):
         return {**json.loads(storage.read_bytes(stats_uri)), "resumed": True}
     duplicates = {key: set(positions) for key, positions in row["duplicates"]}
+    crashed = {(key, position): reason for key, position, reason in row.get("crashed", [])}
     accepted, rejected = [], []
     for split_row in row["splits"]:
         split = Split.from_row(split_row)
@@ -209,6 +217,8 @@ def write_shard(row: dict[str, Any], context: _WriteContext) -> dict[str, Any]:
             try:
                 if position in skip:
                     raise Rejected("duplicate_id", "an earlier document of the input has this id")
+                if (split.key, position) in crashed:
+                    raise Rejected("decoder_crashed", crashed[split.key, position])
                 accepted.append(accept(raw, storage, context.limits, context.costs))
             except Rejected as reason:
                 rejected.append(_quarantine_row(raw, reason))
@@ -239,6 +249,48 @@ def write_shard(row: dict[str, Any], context: _WriteContext) -> dict[str, Any]:
     stats["planned_tokens"] = row["est_tokens"]
     storage.write_bytes(stats_uri, json.dumps(stats).encode())
     return {**stats, "resumed": False}
+
+
+def validate_documents(
+    splits: list[dict[str, Any]], items: list[tuple[int, int]], context: _WriteContext
+) -> None:
+    """Ray task: validate documents ``(split index, position)`` of ``splits``, nothing more.
+
+    A probe of crash isolation: if a medium crashes its decoder natively, this task's
+    worker dies exactly when ``items`` holds that document.
+    """
+    wanted: dict[int, set[int]] = {}
+    for index, position in items:
+        wanted.setdefault(index, set()).add(position)
+    for index, positions in wanted.items():
+        for position, raw in enumerate(_read_all(Split.from_row(splits[index]), context.storage)):
+            if position in positions:
+                with contextlib.suppress(Rejected):
+                    accept(raw, context.storage, context.limits, context.costs)
+
+
+def _crash_isolation(
+    context: _WriteContext, cpus: float
+) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
+    """``isolate`` for ``run_units``: a shard spec whose task dies on every try comes back
+    with the documents that crash it listed under ``crashed`` (quarantined unread)."""
+    probe = ray.remote(validate_documents).options(num_cpus=cpus, max_retries=0)
+
+    def isolate(row: dict[str, Any]) -> dict[str, Any] | None:
+        splits = row["splits"]
+        items = [
+            (index, position)
+            for index, split_row in enumerate(splits)
+            for position, _ in enumerate(_read_all(Split.from_row(split_row), context.storage))
+        ]
+        culprits = find_crashing(lambda group: probe.remote(splits, group, context), items)
+        if not culprits:
+            return None
+        reason = "its validation task's worker process died on it (a decoder crash)"
+        keys = [Split.from_row(split_row).key for split_row in splits]
+        return {**row, "crashed": [[keys[i], position, reason] for i, position in culprits]}
+
+    return isolate
 
 
 def _fingerprint(config: PipelineConfig, files: list[InputFile]) -> str:
@@ -364,6 +416,7 @@ def run(config: PipelineConfig) -> ShardReport:
             description="shards",
             retries=shard.task_retries,
             on_result=count,
+            isolate=_crash_isolation(context, shard.cpus_per_task),
         )
     finally:
         disconnect(started_ray)

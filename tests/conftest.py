@@ -7,7 +7,10 @@ experiment names.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -98,3 +101,26 @@ def upload_folder(moto_server: MotoServer, bucket: str, prefix: str, folder: Pat
         if path.is_file():
             key = f"{prefix}/{path.relative_to(folder)}"
             client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+
+
+def run_stage_in_own_ray(stage: str, config_path: Path, init_kwargs: str = "") -> dict[str, Any]:
+    """``pipelines.<stage>.run`` in a fresh process on its own local Ray (2 CPUs), started
+    with the extra ``ray.init`` keyword arguments ``init_kwargs`` (Python source, e.g.
+    ``"num_gpus=1"``); returns the stage's report as a dict."""
+    script = (
+        "import dataclasses, json, ray;"
+        f"ray.init(address='local', num_cpus=2, include_dashboard=False, {init_kwargs});"
+        f"from pipelines.config import load_pipeline_config; from pipelines import {stage};"
+        f"r = {stage}.run(load_pipeline_config({str(config_path)!r}));"
+        "print('REPORT', json.dumps(dataclasses.asdict(r)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    [report] = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
+    return json.loads(report.removeprefix("REPORT "))

@@ -23,7 +23,7 @@ import webdataset as wds
 from infra.services import MlflowServer, MotoServer
 from pipelines import pretokenize, shard, tokenizers_stage
 from tests import builders
-from tests.conftest import REPO, pipeline_config, upload_folder
+from tests.conftest import pipeline_config, run_stage_in_own_ray, upload_folder
 from tests.pipelines.crash_hook import POISON
 from tokenization.token_samples import read_token_samples
 from tokenization.vocab import VocabLayout
@@ -66,27 +66,6 @@ def all_keys(tokens_dir: Path) -> list[str]:
     for tar in sorted(tokens_dir.glob("*/*.tar")):
         keys += [s["__key__"] for s in wds.WebDataset([str(tar)], shardshuffle=False)]
     return keys
-
-
-def run_in_own_ray(config_path: Path, init_kwargs: str) -> dict:
-    """``pretokenize.run`` in a fresh process on its own local Ray, started with the extra
-    ``ray.init`` keyword arguments ``init_kwargs`` (Python source); returns the report."""
-    script = (
-        "import dataclasses, json, ray;"
-        f"ray.init(address='local', num_cpus=2, include_dashboard=False, {init_kwargs});"
-        "from pipelines.config import load_pipeline_config; from pipelines import pretokenize;"
-        f"r = pretokenize.run(load_pipeline_config({str(config_path)!r}));"
-        "print(json.dumps(dataclasses.asdict(r)))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +279,7 @@ def test_a_medium_that_crashes_its_decoder_is_quarantined_alone(
     config_path = tmp_path / "config.json"
     config_path.write_text(config.model_dump_json())
     hook = {"worker_process_setup_hook": "tests.pipelines.crash_hook.install"}
-    report = run_in_own_ray(config_path, f"runtime_env={hook!r}")
+    report = run_stage_in_own_ray("pretokenize", config_path, f"runtime_env={hook!r}")
     assert report["quarantined"] == {"decoder_crashed": 1}
     rows = pq.read_table(tmp_path / "ws" / "tokens" / "quarantine.parquet").to_pylist()
     assert [(r["native_id"], r["reason"]) for r in rows] == [("poisoned", "decoder_crashed")]
@@ -323,7 +302,7 @@ def test_actors_request_a_gpu_when_the_cluster_has_one(sample_run: tuple, tmp_pa
     data["workspace"] = str(workspace)
     data["pretokenize"]["actors"] = 1
     config_path.write_text(json.dumps(data))
-    report = run_in_own_ray(config_path, "num_gpus=1")
+    report = run_stage_in_own_ray("pretokenize", config_path, "num_gpus=1")
     assert (report["devices"], report["gpu_ids"]) == (["cpu"], ["0"])  # GPU assigned, no CUDA
 
 

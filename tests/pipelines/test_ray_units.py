@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import ray
 
 from infra.storage import StorageError
-from pipelines.ray_units import UnitFailed, run_units
+from pipelines.ray_units import UnitFailed, find_crashing, run_units
 
 pytestmark = pytest.mark.integration
 
@@ -46,3 +48,16 @@ def test_a_failing_unit_fails_the_run_and_names_the_unit(ray_cluster: None) -> N
     with pytest.raises(UnitFailed, match=r"test unit part-7 failed .*ValueError: cannot decode"):
         run_units(broken, [{"name": "part-7"}], {}, cpus_per_unit=1, description="test",
                   retries=1)  # fmt: skip
+
+
+def die_on_poison(items: list[int], poison: list[int]) -> None:
+    """Processes ``items``; the worker process dies outright if one of them is poison."""
+    if set(items) & set(poison):
+        os._exit(1)
+
+
+def test_find_crashing_bisects_down_to_every_culprit(ray_cluster: None) -> None:
+    probe = ray.remote(die_on_poison).options(max_retries=0)
+    items = list(range(10))
+    assert find_crashing(lambda group: probe.remote(group, [2, 7]), items) == [2, 7]
+    assert find_crashing(lambda group: probe.remote(group, []), items) == []

@@ -17,7 +17,8 @@ from pipelines import shard
 from pipelines.readers import READERS, SplitOptions
 from pipelines.shard_plan import ScanContext, scan_file
 from tests import builders
-from tests.conftest import pipeline_config, upload_folder
+from tests.conftest import SAMPLE_CORPUS, pipeline_config, run_stage_in_own_ray, upload_folder
+from tests.pipelines.crash_hook import POISON
 
 pytestmark = pytest.mark.integration
 COSTS = shard._token_costs(shard.ShardConfig(target_tokens=4000))
@@ -170,6 +171,31 @@ def test_bad_inputs_are_quarantined_with_reasons_and_the_stage_finishes(
     assert set(keys) <= set(accepted) and set(obelics_ids) <= set(accepted)
     assert report.documents_out == len(rows) == 2 + len(keys) + len(obelics_ids)
     assert report.documents_in == report.documents_out + sum(expected.values())
+
+
+def test_a_medium_that_crashes_its_decoder_is_quarantined_alone(
+    ray_cluster: None, tmp_path: Path
+) -> None:
+    """An image whose check aborts the worker process (like a native segfault) on every
+    try: its shard is still written, with that document alone quarantined."""
+    media = tmp_path / "media"
+    media.mkdir()
+    image = (SAMPLE_CORPUS / "media" / "images" / "astronaut.jpg").read_bytes()
+    (media / "poison.jpg").write_bytes(image + POISON)  # still a valid JPEG to Pillow
+    docs = [{"id": f"doc-{n}", "segments": [{"type": "text", "text": f"Text {n}."}]}
+            for n in range(6)]  # fmt: skip
+    docs.insert(3, {"id": "poisoned", "segments": [{"type": "image", "path": "poison.jpg"}]})
+    builders.write_jsonl(tmp_path / "docs.jsonl", docs)
+    inputs = [{"uri": str(tmp_path / "docs.jsonl"), "format": "jsonl", "media_root": str(media)}]
+    config = pipeline_config(tmp_path / "ws", inputs, shard={"task_retries": 1})
+    config_path = tmp_path / "config.json"
+    config_path.write_text(config.model_dump_json())
+    hook = {"worker_process_setup_hook": "tests.pipelines.crash_hook.install"}
+    report = run_stage_in_own_ray("shard", config_path, f"runtime_env={hook!r}")
+    assert report["quarantined"] == {"decoder_crashed": 1}
+    assert report["documents_out"] == 6
+    rows = pq.read_table(tmp_path / "ws" / "shards" / "quarantine.parquet").to_pylist()
+    assert [(r["native_id"], r["reason"]) for r in rows] == [("poisoned", "decoder_crashed")]
 
 
 def test_missing_input_fails_fast_naming_the_field(ray_cluster: None, tmp_path: Path) -> None:
