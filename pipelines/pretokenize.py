@@ -135,7 +135,12 @@ def _tokenize_alone(tokenizers_uri: str, settings: WorkerSettings, document: dic
 def _crashing_documents(
     part: str, settings: WorkerSettings, tokenizers_uri: str, resources: dict[str, float]
 ) -> dict[str, str]:
-    """Document id -> reason, for each document of ``part`` whose worker dies tokenizing it."""
+    """Document id -> reason, for each document of ``part`` whose worker dies tokenizing it.
+
+    One task per document, all at once, rather than the shard stage's bisection: the
+    documents are in hand with their media, and a worker that dies costs seconds of imports
+    to replace, so log2(n) sequential rounds of crashes would cost more than n small tasks.
+    """
     documents = read_documents(part, settings)
     tasks = {
         _tokenize_alone.options(**resources).remote(tokenizers_uri, settings, d): d["id"]
