@@ -97,11 +97,13 @@ class Tracker:
             self.client.set_tag(self.run_id, key, value)
 
 
-@contextmanager
-def tracked_run(
-    config: MlflowConfig, workspace: str, run_name: str, tags: Mapping[str, str] | None = None
-) -> Iterator[Tracker]:
-    """Start a run in ``config.experiment``; it ends FINISHED, or FAILED on an exception."""
+def tracking_uri(config: MlflowConfig, workspace: str) -> str:
+    """The tracking URI runs of this pipeline use (the local store when none is set)."""
+    return config.tracking_uri or local_store(workspace)[0]
+
+
+def open_experiment(config: MlflowConfig, workspace: str) -> tuple[Any, str]:
+    """An ``MlflowClient`` and the id of ``config.experiment``, created if missing."""
     from mlflow import MlflowClient
 
     if config.tracking_uri:
@@ -111,9 +113,16 @@ def tracked_run(
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(config.experiment)
     if experiment is None:
-        experiment_id = client.create_experiment(config.experiment, artifact_location=artifacts)
-    else:
-        experiment_id = experiment.experiment_id
+        return client, client.create_experiment(config.experiment, artifact_location=artifacts)
+    return client, experiment.experiment_id
+
+
+@contextmanager
+def tracked_run(
+    config: MlflowConfig, workspace: str, run_name: str, tags: Mapping[str, str] | None = None
+) -> Iterator[Tracker]:
+    """Start a run in ``config.experiment``; it ends FINISHED, or FAILED on an exception."""
+    client, experiment_id = open_experiment(config, workspace)
     run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
     tracker = Tracker(client, run.info.run_id)
     try:

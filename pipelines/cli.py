@@ -18,6 +18,7 @@ from pipelines.pretokenize import PretokenizeConfig
 from pipelines.ray_units import UnitFailed
 from pipelines.shard import ShardConfig
 from tokenization.config import WarmupConfig
+from training.train_config import ModelSection, TrainConfig
 
 app = typer.Typer(
     help="Omnimodal discrete-flow-matching pipeline: shard -> pretokenize -> train -> evaluate.",
@@ -121,6 +122,51 @@ def pretokenize(config: ConfigOption, set_: SetOption = None) -> None:
     except (FileNotFoundError, StorageError) as exc:
         _fail(str(exc), 1)
     render_pretokenize_report(report, console)
+
+
+@app.command(
+    epilog=settings_help("model", ModelSection) + "\n\n" + settings_help("train", TrainConfig)
+)
+def train(
+    config: ConfigOption,
+    set_: SetOption = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            help="MLflow run id to resume from its latest complete checkpoint.",
+            show_default=False,
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Resume even if the token data or layout changed.")
+    ] = False,
+) -> None:
+    """Train the DFM model on `<workspace>/tokens/` with Ray Train + DeepSpeed.
+
+    One MLflow run per training (params, per-step losses, GradNorm weights, throughput,
+    tags `checkpoint.latest` and the fingerprints); checkpoints under
+    `<workspace>/checkpoints/<run_id>/step-NNNNNNN/` (DeepSpeed state, per-rank data and RNG
+    state, and a consolidated `model/` that evaluation loads without DeepSpeed).
+
+    `--resume RUN_ID` continues a run from its latest complete checkpoint with the model and
+    train settings it was logged with, into the same MLflow run, step for step. SIGTERM or
+    Ctrl-C checkpoints and stops (status KILLED); a second Ctrl-C aborts.
+    Exit codes: 0 done or stopped, 1 missing input, unknown run or failed training, 2 config.
+    """
+    from pipelines import train as stage
+    from pipelines.train.summary import render_train_report
+
+    try:
+        pipeline = load_pipeline_config(config, set_ or [])
+        report = stage.run(pipeline, resume=resume, overrides=set_ or [], force=force)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    except (FileNotFoundError, StorageError, stage.TrainInputError) as exc:
+        _fail(str(exc), 1)
+    except Exception as exc:  # a failed worker: Ray wraps it; its last line says what
+        _fail(f"training failed: {stage.stage.first_line(exc)}", 1)
+    render_train_report(report, console, config)
 
 
 tokenizers_app = typer.Typer(

@@ -19,6 +19,7 @@ from pipelines.corpus import CorpusConfig
 from pipelines.pretokenize import PretokenizeConfig
 from pipelines.shard import ShardConfig
 from tokenization.config import TokenizersConfig
+from training.train_config import ModelSection, TrainConfig
 
 
 class PendingSection(Section):
@@ -36,8 +37,8 @@ class PipelineConfig(Section):
     shard: ShardConfig = Field(default_factory=ShardConfig)
     tokenizers: TokenizersConfig = Field(default_factory=TokenizersConfig)
     pretokenize: PretokenizeConfig = Field(default_factory=PretokenizeConfig)
-    model: PendingSection = Field(default_factory=PendingSection)
-    train: PendingSection = Field(default_factory=PendingSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     eval: PendingSection = Field(default_factory=PendingSection)
 
 

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import Qwen2ForCausalLM
@@ -203,11 +203,15 @@ class OmniModel(nn.Module):
 
         Indices are local ids of the group (for ``text`` they equal unified ids).
         """
+        return self.head(group)(hidden)
+
+    def head(self, group: str) -> nn.Linear:
+        """The output layer of head group ``group`` (the LM head for ``text``)."""
         if group == "text":
-            return self.lm_head(hidden)
+            return self.lm_head
         if group not in self.media_heads:
             raise KeyError(f"unknown head group {group!r}; expected one of {self.groups.names}")
-        return self.media_heads[group](hidden)
+        return self.media_heads[group]
 
     def reconstruct(self, hidden: Tensor, modality: str) -> Tensor:
         """Float[N, H] final hidden at ``modality`` positions -> Float[N, d_m] codebook vector."""
@@ -462,7 +466,9 @@ class OmniModel(nn.Module):
         """Weights (safetensors, tied tensors once), model config and vocabulary layout."""
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(folder / WEIGHTS_FILE))
+        save_file(
+            _distinct_tensors(self.state_dict()), str(folder / WEIGHTS_FILE), {"format": "pt"}
+        )
         # The weights now live here: a reload must not start from the pretrained LM again.
         config = self.config.model_copy(update={"pretrained": None})
         (folder / CONFIG_FILE).write_text(config.model_dump_json(indent=2))
@@ -483,3 +489,20 @@ class OmniModel(nn.Module):
 def _cat(prompt: Tensor, response: Tensor) -> Tensor:
     """Instruction then response along the sequence axis of ``(B, Hkv, L, D)``."""
     return torch.cat([prompt, response], dim=2)
+
+
+def _distinct_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each tensor once (a tied weight under its first name), copied to its own CPU storage.
+
+    ``safetensors``' ``save_model`` refuses tensors that share a storage none of them covers,
+    which is what a DeepSpeed engine leaves (every parameter a view of one flat buffer);
+    ``load_model`` accepts the missing tied names.
+    """
+    out, seen = {}, set()
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().to("cpu").clone().contiguous()
+    return out

@@ -1,0 +1,342 @@
+"""``omni train``: DFM training on Ray Train + DeepSpeed, tracked in one MLflow run.
+
+The driver checks every input, opens (or reopens) the MLflow run, claims the run's control
+file and starts a ``TorchTrainer`` whose workers run ``training.train_loop.train_worker``.
+The pattern is torchtitan's: the loop and its components live in ``training/``; this
+module only assembles a run from the config and owns its lifecycle. The run's checkpoints
+and control file live under ``<workspace>/checkpoints/<run_id>/``; Ray Train's own
+checkpointing is not used (a reused Ray run name would restore silently, and DeepSpeed
+writes its own state), so a Ray Train run is one attempt, named after the MLflow run and
+the attempt's owner token. Resume (``--resume RUN_ID``) reads the logged ``model`` and
+``train`` sections from MLflow, the latest complete checkpoint from the workspace, and
+logs into the same run from the next step.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import ray
+
+from infra.config import ConfigError, apply_overrides, fingerprint, public_dict
+from infra.ray_runtime import connect, disconnect
+from infra.storage import Storage, join
+from infra.tracking import Tracker, open_experiment, tracking_uri
+from pipelines.corpus import absolute
+from pipelines.train.inputs import TrainInputError, TrainInputs, gather_inputs
+from training.checkpointing import latest_complete, step_name
+from training.model_config import load_model_config
+from training.run_control import RunControl
+from training.train_config import ModelSection, TrainConfig
+from training.train_loop import WorkerPlan, train_worker
+
+if TYPE_CHECKING:
+    from pipelines.config import PipelineConfig
+
+STAGE = "train"
+LOGGED_CONFIG = "config/train_sections.json"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class TrainReport:
+    """How the run ended and where everything is."""
+
+    run_id: str
+    experiment: str
+    status: str  # FINISHED or KILLED
+    step: int
+    resumed_from: int | None
+    checkpoints: str
+    latest_checkpoint: str | None
+    tracking_uri: str
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def run(
+    config: PipelineConfig,
+    resume: str | None = None,
+    overrides: Iterable[str] = (),
+    force: bool = False,
+) -> TrainReport:
+    """Train (or resume run ``resume``); returns when the run is finished or stopped.
+
+    ``overrides`` are the ``--set`` assignments already applied to ``config``; on resume
+    those touching ``model.``/``train.`` must agree with the logged run.
+    """
+    started = time.time()
+    storage = Storage(config.storage)
+    workspace = absolute(config.workspace)
+    client, experiment_id = open_experiment(config.mlflow, workspace)
+    uri = tracking_uri(config.mlflow, workspace)
+    last_logged, resume_step = 0, None
+    if resume:
+        config = _logged_config(client, resume, config, overrides)
+    _check_model(config)
+    inputs = gather_inputs(config, storage)
+    root = join(workspace, "checkpoints")
+    if resume:
+        run_dir = join(root, resume)
+        resume_step = latest_complete(storage, run_dir)
+        if resume_step is None:
+            raise TrainInputError(f"run {resume} has no complete checkpoint in {run_dir}")
+        _check_fingerprints(client.get_run(resume), inputs, force)
+        last_logged = _last_logged_step(client, resume)
+        run_id = resume
+        client.update_run(run_id, status="RUNNING")
+    started_ray = connect(config.ray)
+    try:
+        _check_resources(config.train)
+        if not resume:
+            run_id = _create_run(client, experiment_id, config, inputs)
+            run_dir = join(root, run_id)
+        control = RunControl(storage, run_dir)
+        owner = control.claim()
+        plan = WorkerPlan(
+            run_id=run_id,
+            tracking_uri=uri,
+            owner=owner,
+            run_dir=run_dir,
+            storage=config.storage.model_dump(mode="json"),
+            model=_model_config(config.model).model_dump(mode="json"),
+            objective=config.model.objective,
+            path=config.model.path.model_dump(mode="json"),
+            layout=inputs.layout,
+            codebooks=inputs.codebooks,
+            train=config.train.model_dump(mode="json"),
+            shards=inputs.shards,
+            weights=inputs.weights,
+            fingerprints=_fingerprints(config, inputs),
+            resume_step=resume_step,
+            last_logged_step=last_logged,
+        )
+        with _stop_on_signals(control, owner) as stopping:
+            try:
+                _fit(config.train, plan)
+            except BaseException as error:
+                if stopping.is_set():
+                    client.set_terminated(run_id, "KILLED")
+                else:
+                    client.set_tag(run_id, "error", first_line(error)[:5000])
+                    client.set_terminated(run_id, "FAILED")
+                raise
+            status = "KILLED" if stopping.is_set() else "FINISHED"
+        client.set_terminated(run_id, status)
+    finally:
+        disconnect(started_ray)
+    final = latest_complete(storage, run_dir)
+    metrics = client.get_run(run_id).data.metrics
+    return TrainReport(
+        run_id=run_id,
+        experiment=config.mlflow.experiment,
+        status=status,
+        step=final or 0,
+        resumed_from=resume_step,
+        checkpoints=run_dir,
+        latest_checkpoint=join(run_dir, step_name(final)) if final is not None else None,
+        tracking_uri=uri,
+        seconds=round(time.time() - started, 1),
+        metrics={k: v for k, v in metrics.items() if k.startswith("train/loss")},
+    )
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def _model_config(section: ModelSection) -> Any:
+    model = load_model_config(section.size)
+    return model.model_copy(
+        update={
+            "pretrained": section.pretrained,
+            "gradient_checkpointing": section.gradient_checkpointing,
+        }
+    )
+
+
+def _check_model(config: PipelineConfig) -> None:
+    try:
+        _model_config(config.model)
+    except (KeyError, FileNotFoundError, ConfigError) as error:
+        raise ConfigError(f"model.size: {error}") from None
+    pretrained = config.model.pretrained
+    if pretrained and not Path(pretrained).is_dir():
+        raise ConfigError(f"model.pretrained: no such folder: {pretrained}")
+    if config.model.objective == "ar" and config.model.path.loss != "cross_entropy":
+        raise ConfigError("model.path.loss: the ar objective trains with cross_entropy only")
+
+
+def _sections(config: PipelineConfig) -> dict[str, Any]:
+    return {"model": public_dict(config.model), "train": public_dict(config.train)}
+
+
+def _logged_config(
+    client: Any, run_id: str, config: PipelineConfig, overrides: Iterable[str]
+) -> PipelineConfig:
+    """``config`` with the ``model`` and ``train`` sections run ``run_id`` was trained with."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise TrainInputError(f"unknown run id {run_id!r} in {client.tracking_uri}") from None
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            path = client.download_artifacts(run_id, LOGGED_CONFIG, scratch)
+        except (MlflowException, OSError):
+            raise TrainInputError(f"run {run_id} is not an omni train run") from None
+        logged = json.loads(Path(path).read_text())
+    sectioned = [o for o in overrides if o.split("=", 1)[0].split(".")[0] in ("model", "train")]
+    for assignment in sectioned:
+        changed = apply_overrides(logged, [assignment])
+        if changed != logged:
+            key = assignment.split("=", 1)[0]
+            raise ConfigError(
+                f"--set {assignment}: run {run_id} was trained with a different {key}; "
+                "a resumed run keeps its logged model and train settings"
+            )
+    return config.model_copy(
+        update={
+            "model": ModelSection.model_validate(logged["model"]),
+            "train": TrainConfig.model_validate(logged["train"]),
+        }
+    )
+
+
+def _fingerprints(config: PipelineConfig, inputs: TrainInputs) -> dict[str, str]:
+    return {
+        "config": fingerprint(_sections(config)),
+        "data": inputs.data_fingerprint,
+        "layout": inputs.layout_fingerprint,
+    }
+
+
+def _check_fingerprints(run: Any, inputs: TrainInputs, force: bool) -> None:
+    tags = run.data.tags
+    for name, now in (("data", inputs.data_fingerprint), ("layout", inputs.layout_fingerprint)):
+        then = tags.get(f"{name}.fingerprint")
+        if then is not None and then != now and not force:
+            raise TrainInputError(
+                f"the {name} changed since run {run.info.run_id} started ({then} -> {now}); "
+                "resuming on other data breaks exact resume: pass --force to resume anyway"
+            )
+
+
+def _last_logged_step(client: Any, run_id: str) -> int:
+    history = client.get_metric_history(run_id, "train/loss")
+    return max((m.step for m in history), default=0)
+
+
+def _git_commit() -> str:
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() or "unknown"
+
+
+def _create_run(
+    client: Any, experiment_id: str, config: PipelineConfig, inputs: TrainInputs
+) -> str:
+    prints = _fingerprints(config, inputs)
+    tags = {
+        "omni.stage": STAGE,
+        "git.commit": _git_commit(),
+        "config.fingerprint": prints["config"],
+        "data.fingerprint": prints["data"],
+        "layout.fingerprint": prints["layout"],
+        "model.objective": config.model.objective,
+    }
+    run = client.create_run(experiment_id, run_name=f"train-{config.model.size}", tags=tags)
+    tracker = Tracker(client, run.info.run_id)
+    tracker.log_params(config)
+    tracker.log_bytes(json.dumps(_sections(config), indent=2).encode(), *_split(LOGGED_CONFIG))
+    return run.info.run_id
+
+
+def _split(artifact: str) -> tuple[str, str]:
+    folder, name = artifact.rsplit("/", 1)
+    return name, folder
+
+
+# ---------------------------------------------------------------------------- Ray
+
+
+def _check_resources(train: TrainConfig) -> None:
+    """Ray Train waits forever for resources a cluster lacks: refuse instead."""
+    total = ray.cluster_resources()
+    cpus = train.num_workers * train.cpus_per_worker
+    if cpus > total.get("CPU", 0):
+        raise ConfigError(
+            f"train.num_workers x train.cpus_per_worker = {cpus:g} CPUs, the Ray cluster has "
+            f"{total.get('CPU', 0):g}"
+        )
+    if train.use_gpu and train.num_workers > total.get("GPU", 0):
+        raise ConfigError(
+            f"train.use_gpu with train.num_workers={train.num_workers}: the Ray cluster has "
+            f"{total.get('GPU', 0):g} GPUs"
+        )
+
+
+def _fit(train: TrainConfig, plan: WorkerPlan) -> None:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=asdict(plan),
+        scaling_config=ScalingConfig(
+            num_workers=train.num_workers,
+            use_gpu=train.use_gpu,
+            resources_per_worker={"CPU": train.cpus_per_worker},
+        ),
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=f"omni-{plan.run_id}-{plan.owner[:8]}",
+            storage_path=str(Path(tempfile.gettempdir()) / "omni-ray-train"),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+    trainer.fit()
+
+
+@contextmanager
+def _stop_on_signals(control: RunControl, owner: str) -> Iterator[threading.Event]:
+    """SIGTERM / SIGINT ask the workers to checkpoint and stop; a second SIGINT aborts."""
+    stopping = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stopping
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stopping.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stopping.set()
+        control.request_stop(owner)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stopping
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def first_line(error: BaseException) -> str:
+    """The line of an error a person should read (a worker's, under Ray's wrapping)."""
+    text = str(error).strip() or type(error).__name__
+    lines = [line for line in text.splitlines() if line.strip()]
+    # Ray wraps a worker's exception; its own last line names it.
+    return lines[-1] if lines else text

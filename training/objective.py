@@ -1,0 +1,189 @@
+"""The training objective per micro-batch: summed loss terms and the tokens they cover.
+
+NExT-OMNI trains ``L = l1 L_ce + l2 L_rec^V + l3 L_rec^A``. Every term here is a *sum*
+over the positions it scores, returned with the count of those positions; the trainer
+divides each sum by its count over the whole accumulation window on every rank
+(:func:`window_scales`), so a token weighs the same whatever the length of its
+micro-batch or the rank that saw it.
+
+* ``ce``: DFM x-prediction cross-entropy at the corrupted response positions, each scored
+  by its group's head (``training.dfm.cross_entropy_sum``; or the generalized KL), or, with
+  ``objective=ar``, the next-token cross-entropy of the causal baseline.
+* ``rec_image`` / ``rec_audio``: squared error between ``OmniModel.reconstruct`` and the
+  frozen codebook vector of the clean id, at the same corrupted positions of that
+  modality, averaged over the vector's dimensions (see ``training/model.py``).
+
+Corruption happens in :meth:`Objective.prepare`, before any forward pass, with a generator
+seeded per micro-batch: the counts of the window are known before its first backward, and
+a resumed run corrupts exactly as the uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from training.dfm import ProbPath, cross_entropy_sum, generalized_kl_sum
+from training.micro_batch import MicroBatch
+from training.model import MEDIA, OmniModel
+from training.train_config import LOSS_TERMS
+
+
+@dataclass
+class Prepared:
+    """A micro-batch ready for the forward pass: ``inputs`` Long[B, L] (``x_t`` for DFM, the
+    clean ids for AR), ``targets`` Long[B, L] clean ids aligned with the scored positions,
+    ``scored`` Bool[B, L], ``t`` Float[B] (DFM; zeros for AR), ``counts`` per term."""
+
+    batch: MicroBatch
+    inputs: Tensor
+    targets: Tensor
+    scored: Tensor
+    t: Tensor
+    counts: dict[str, int]
+
+
+class Objective(nn.Module):
+    """Wraps the model so one ``forward`` returns every term's sum; DeepSpeed drives it.
+
+    ``forward`` returns ``(sums, hidden, anchor)``: ``sums[term]`` Float[] for each term
+    with at least one scored position; the final hidden states (B, L, H) whose gradient
+    GradNorm measures per term; and ``anchor``, a zero that depends on every head, added
+    to the loss so each parameter gets a gradient (zero if unused) in every micro-batch
+    on every rank, which ZeRO's gradient reduction expects.
+    """
+
+    def __init__(self, model: OmniModel, kind: str, path: ProbPath | None, loss: str) -> None:
+        super().__init__()
+        if kind not in ("dfm", "ar"):
+            raise ValueError(f"unknown objective {kind!r}; expected dfm or ar")
+        if kind == "dfm" and path is None:
+            raise ValueError("the dfm objective needs a probability path")
+        self.model, self.kind, self.path, self.loss = model, kind, path, loss
+
+    # ------------------------------------------------------------------ before the forward
+
+    def prepare(self, batch: MicroBatch, generator: torch.Generator) -> Prepared:
+        """Corrupt (DFM) or shift (AR) ``batch`` on its device; count each term's tokens."""
+        if self.kind == "ar":
+            return self._prepare_ar(batch)
+        ids, response = batch.ids, batch.response_mask
+        t = torch.rand(ids.shape[0], generator=generator, device=ids.device)
+        xt = self.path.sample(ids, t, response, generator)
+        scored = self.path.loss_mask(xt, ids, response)
+        return Prepared(batch, xt, ids, scored, t, self._counts(ids, scored))
+
+    def _prepare_ar(self, batch: MicroBatch) -> Prepared:
+        # Position i predicts token i + 1: score i where the target i + 1 is a response token.
+        ids = batch.ids
+        targets = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
+        scored = torch.zeros_like(batch.attention_mask)
+        scored[:, :-1] = batch.response_mask[:, 1:]
+        counts = {"ce": int(scored.sum())}
+        zeros = torch.zeros(ids.shape[0], device=ids.device)
+        return Prepared(batch, ids, targets, scored, zeros, counts)
+
+    def _counts(self, targets: Tensor, scored: Tensor) -> dict[str, int]:
+        group = self.model.groups.group_of(targets)
+        counts = {"ce": int(scored.sum())}
+        for name in MEDIA:
+            counts[f"rec_{name}"] = int((scored & (group == self.model.groups.index(name))).sum())
+        return counts
+
+    # ------------------------------------------------------------------ the forward
+
+    def forward(
+        self,
+        inputs: Tensor,
+        attention_mask: Tensor,
+        instruction_lengths: Tensor,
+        targets: Tensor,
+        scored: Tensor,
+        t: Tensor,
+    ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        model = self.model
+        if self.kind == "ar":
+            hidden = model(inputs, attention_mask=attention_mask, causal=True)
+        else:
+            hidden = model(
+                inputs, attention_mask=attention_mask, instruction_lengths=instruction_lengths
+            )
+        sums = self.term_sums(hidden, inputs, targets, scored, t)
+        return sums, hidden, self._anchor(hidden)
+
+    def term_sums(
+        self,
+        hidden: Tensor,
+        inputs: Tensor,
+        targets: Tensor,
+        scored: Tensor,
+        t: Tensor,
+        detached_heads: bool = False,
+    ) -> dict[str, Tensor]:
+        """Every term's sum from the final ``hidden`` (B, L, H).
+
+        ``detached_heads``: the heads run as plain functions of detached weights, so the
+        graph reaches ``hidden`` and nothing else. GradNorm takes per-term gradients that
+        way: a backward through the heads' modules would run DeepSpeed's gradient hooks.
+        """
+        model = self.model
+        h, y = hidden[scored], targets[scored]
+        group = model.groups.group_of(y)
+        t_rows = t[:, None].expand_as(scored)[scored]
+        xt = inputs[scored]
+        sums: dict[str, Tensor] = {}
+        ce = None
+        for index, name in enumerate(model.groups.names):
+            rows = group == index
+            if not bool(rows.any()):
+                continue
+            logits = _linear(model.head(name), h[rows], detached_heads)
+            term = self._group_loss(logits, y[rows], xt[rows], t_rows[rows], name)
+            ce = term if ce is None else ce + term
+            if name in MEDIA and self.kind == "dfm":
+                predicted = _linear(model.reconstruction[name], h[rows], detached_heads)
+                target = model.codebook_targets(y[rows], name).float()
+                sums[f"rec_{name}"] = (predicted.float() - target).pow(2).mean(-1).sum()
+        if ce is not None:
+            sums["ce"] = ce
+        return sums
+
+    def _group_loss(self, logits: Tensor, y: Tensor, xt: Tensor, t: Tensor, group: str) -> Tensor:
+        start = self.model.groups.start[group]
+        if self.kind == "dfm" and self.loss == "generalized_kl":
+            local = self.path.local_state(xt, group)
+            return generalized_kl_sum(logits, y - start, local, t, self.path.scheduler)
+        return cross_entropy_sum(logits, y - start)
+
+    def _anchor(self, hidden: Tensor) -> Tensor:
+        first = hidden[:, 0]
+        outputs = [self.model.head_logits(first, g) for g in self.model.groups.names]
+        outputs += [self.model.reconstruct(first, m) for m in MEDIA]
+        return sum(out.float().sum() for out in outputs) * 0.0
+
+
+def _linear(layer: nn.Linear, x: Tensor, detached: bool) -> Tensor:
+    if not detached:
+        return layer(x)
+    bias = None if layer.bias is None else layer.bias.detach()
+    return F.linear(x, layer.weight.detach(), bias)
+
+
+def window_scales(totals: Mapping[str, float], world: int, grad_accum: int) -> dict[str, float]:
+    """Multiplier of each term's micro-batch sum so the optimiser sees ``sum / N_window``.
+
+    ``totals[term]``: scored tokens of the term over the whole accumulation window on every
+    rank. DeepSpeed divides a micro-batch loss by ``grad_accum`` and averages gradients over
+    ``world`` ranks; multiplying by ``world * grad_accum / N`` undoes both, so the step's
+    gradient is that of ``(sum over every micro-batch and rank) / N``. A term with no token in
+    the window gets no scale (it does not occur).
+    """
+    return {
+        term: world * grad_accum / float(n)
+        for term, n in totals.items()
+        if term in LOSS_TERMS and n
+    }

@@ -1,0 +1,450 @@
+"""The training loop of one data-parallel rank: ``train()`` -> ``train_step()`` -> forward/backward.
+
+Runs inside a Ray Train worker (``train_worker``), where the process group already exists,
+and drives a DeepSpeed engine built around :class:`~training.objective.Objective` with a
+plain ``torch.optim.AdamW`` (no DeepSpeed op is compiled, on CPU or GPU).
+
+One optimizer step = ``grad_accum`` micro-batches, each from one bucket in the schedule's
+order. Before the first backward, the window's micro-batches are corrupted and their
+scored tokens counted; one all-reduce gives every rank the window totals (and rank 0's
+stop / fenced flags), so each term is normalised by its tokens over the whole window on
+every rank. After the step a second all-reduce gathers the loss sums, per-bucket losses
+and GradNorm's squared gradient norms for logging and for the loss weights.
+
+Everything random is derived from ``(seed, rank, step, micro-batch)`` or restored from the
+checkpoint, so a run resumed from a checkpoint repeats the uninterrupted run's steps bit for
+bit on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from infra.storage import Storage, StorageConfig, join
+from tokenization.vocab import VocabLayout
+from training.batch_source import BatchSource, SourcePosition, SourceSettings
+from training.checkpointing import (
+    MODEL_DIR,
+    TRAINER_STATE,
+    CheckpointWriter,
+    WeightsOnlyCheckpointEngine,
+    fetch_local,
+    rank_file,
+    rng_state,
+    set_rng_state,
+    step_name,
+)
+from training.deepspeed_config import deepspeed_config
+from training.dfm import PathConfig, build_path
+from training.gradnorm import FixedWeights, GradNorm
+from training.learning_rate import lr_lambda
+from training.model import MEDIA, OmniModel
+from training.model_config import ModelConfig
+from training.objective import Objective, Prepared, window_scales
+from training.run_control import FencedOff, RunControl
+from training.step_log import StepLog
+from training.train_config import LOSS_TERMS, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerPlan:
+    """Everything a rank needs, as plain data the driver ships through Ray."""
+
+    run_id: str
+    tracking_uri: str
+    owner: str
+    run_dir: str
+    storage: dict[str, Any]
+    model: dict[str, Any]
+    objective: str
+    path: dict[str, Any]
+    layout: dict[str, Any]
+    codebooks: dict[str, np.ndarray]
+    train: dict[str, Any]
+    shards: dict[str, list[str]]
+    weights: dict[str, float]
+    fingerprints: dict[str, str]
+    resume_step: int | None = None
+    last_logged_step: int = 0
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step measured (already reduced over ranks)."""
+
+    metrics: dict[str, float]
+    stop: bool
+    fenced: bool
+
+
+def train_worker(plan: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``: one rank of the run."""
+    import ray.train
+
+    if not plan["train"]["use_gpu"]:
+        _cpu_collectives()
+    context = ray.train.get_context()
+    Trainer(WorkerPlan(**plan), context.get_world_rank(), context.get_world_size()).train()
+
+
+def _cpu_collectives() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce op on CPU.
+
+    DeepSpeed builds that op (about 45 s of C++ compilation, STACK-NOTES) when its torch
+    backend starts, only to speed up CPU all-reduces within one node. CPU training here is
+    for development and tests and runs on gloo, which needs no op; GPUs use NCCL.
+    """
+    import importlib
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # ``deepspeed.comm.torch`` as an attribute is the torch package: go through the module.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes and machines."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class Trainer:
+    """One rank's view of the run: engine, data, loss weights, checkpoints, metrics."""
+
+    def __init__(self, plan: WorkerPlan, rank: int, world: int) -> None:
+        self.plan, self.rank, self.world = plan, rank, world
+        self.cfg = TrainConfig.model_validate(plan.train)
+        self.storage = Storage(StorageConfig.model_validate(plan.storage))
+        self.device = self._device()
+        self.control = RunControl(self.storage, plan.run_dir)
+        self.step = 0
+
+    def _device(self) -> torch.device:
+        if self.cfg.use_gpu and torch.cuda.is_available():
+            import ray.train.torch
+
+            return ray.train.torch.get_device()
+        return torch.device("cpu")
+
+    # ------------------------------------------------------------------ set-up
+
+    def setup(self) -> None:
+        import deepspeed
+
+        plan, cfg = self.plan, self.cfg
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        layout = VocabLayout(**plan.layout)
+        codebooks = {m: torch.from_numpy(np.asarray(plan.codebooks[m])) for m in MEDIA}
+        self.model = OmniModel(ModelConfig.model_validate(plan.model), layout, codebooks)
+        path_cfg = PathConfig.model_validate(plan.path)
+        path = None
+        if plan.objective == "dfm":
+            vectors = {**codebooks, "text": self.model.backbone.embed_tokens.weight.detach()}
+            path = build_path(path_cfg, layout, vectors if path_cfg.path == "metric" else None)
+        self.objective = Objective(self.model, plan.objective, path, path_cfg.loss)
+        optimizer = torch.optim.AdamW(
+            self._param_groups(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.objective,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, self.world),
+            dist_init_required=False,
+        )
+        self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine(None)
+        terms = [t for t in LOSS_TERMS if plan.objective == "dfm" or t == "ce"]
+        initial = {t: cfg.loss_weights[t] for t in terms}
+        self.weighting: GradNorm | FixedWeights = (
+            GradNorm(terms, initial, cfg.gradnorm_alpha, cfg.gradnorm_lr)
+            if cfg.loss_weighting == "gradnorm"
+            else FixedWeights(initial)
+        )
+        self.buckets = sorted(plan.weights)
+        start = self._restore() if plan.resume_step is not None else None
+        self.source = BatchSource(
+            SourceSettings(
+                shards=plan.shards,
+                weights=plan.weights,
+                seed=cfg.seed,
+                rank=self.rank,
+                world=self.world,
+                micro_batch_size=cfg.micro_batch_size,
+                pad_id=layout.special_id("<PAD>"),
+                dgs_block=cfg.dgs_block if plan.objective == "dfm" else None,
+                max_length=cfg.max_length,
+                prefetch=cfg.prefetch,
+                storage_options=self._storage_options(),
+            ),
+            start,
+        )
+        self.writer = CheckpointWriter(
+            self.storage,
+            plan.run_dir,
+            self.rank,
+            self.world,
+            cfg.keep_last,
+            on_complete=self._on_checkpoint,
+            on_removed=self._on_pruned,
+        )
+        self.log = (
+            StepLog(plan.tracking_uri, plan.run_id, plan.last_logged_step)
+            if self.rank == 0
+            else None
+        )
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: no weight decay on biases, norms and 1-d parameters."""
+        decay, no_decay = [], []
+        for _, param in self.model.named_parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def _storage_options(self) -> dict[str, Any] | None:
+        first = next((s for shards in self.plan.shards.values() for s in shards), "")
+        return self.storage._options(first) if first.startswith("s3://") else None
+
+    def _restore(self) -> SourcePosition:
+        """Load the checkpoint ``plan.resume_step``: engine, rank state, RNG, loss weights."""
+        step = self.plan.resume_step
+        uri = join(self.plan.run_dir, step_name(step))
+        scratch = Path(tempfile.mkdtemp(prefix="omni-resume-"))
+        local = fetch_local(self.storage, uri, scratch)
+        self.engine.load_checkpoint(
+            str(local.parent), tag=local.name, load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )  # fmt: skip
+        trainer = json.loads((local / TRAINER_STATE).read_text())
+        if trainer["world"] != self.world:
+            raise ValueError(
+                f"checkpoint {uri} was written by {trainer['world']} workers, this run has "
+                f"{self.world}: resume with train.num_workers={trainer['world']}"
+            )
+        mine = json.loads((local / rank_file(self.rank)).read_text())
+        set_rng_state(mine["rng"])
+        self.weighting.load_state_dict(trainer["weighting"])
+        self.step = int(trainer["step"])
+        return SourcePosition(mine["schedule"], mine["streams"])
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> None:
+        self.setup()
+        try:
+            while self.step < self.cfg.max_steps:
+                result = self.train_step(self.step + 1)
+                if result.fenced:
+                    raise FencedOff(f"run {self.plan.run_id} is owned by another omni train")
+                self.step += 1
+                if self.log is not None and (
+                    self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps
+                ):
+                    self.log.log(self.step, result.metrics)
+                last = self.step == self.cfg.max_steps
+                if result.stop or last or self.step % self.cfg.checkpoint_every == 0:
+                    self.checkpoint()
+                if result.stop:
+                    break
+            self.writer.wait()
+            if self.log is not None:
+                self.log.flush()
+        finally:
+            self.source.close()
+
+    def _control_flags(self) -> tuple[float, float]:
+        """(stop, fenced) as rank 0 reads them; other ranks learn them in the all-reduce."""
+        if self.rank != 0:
+            return 0.0, 0.0
+        state = self.control.read()
+        if state is None or state.owner != self.plan.owner:
+            return 0.0, 1.0
+        return float(state.stop), 0.0
+
+    def _generator(self, step: int, micro: int) -> torch.Generator:
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(_seed(self.cfg.seed, self.rank, step, micro))
+        return generator
+
+    def train_step(self, step: int) -> StepResult:
+        """One optimizer step over ``grad_accum`` micro-batches."""
+        cfg, started = self.cfg, time.perf_counter()
+        batches, waited = [], 0.0
+        for _ in range(cfg.grad_accum):
+            before = time.perf_counter()
+            batches.append(next(self.source))
+            waited += time.perf_counter() - before
+        prepared = [
+            self.objective.prepare(b.to(self.device), self._generator(step, m))
+            for m, b in enumerate(batches)
+        ]
+        stop, fenced = self._control_flags()
+        window = [sum(p.counts.get(t, 0) for p in prepared) for t in LOSS_TERMS]
+        head = self._all_reduce([*window, stop, fenced])
+        totals = dict(zip(LOSS_TERMS, head[: len(LOSS_TERMS)], strict=True))
+        if head[-1] > 0:
+            return StepResult({}, stop=False, fenced=True)
+        scales = window_scales(totals, self.world, cfg.grad_accum)
+        weights = dict(self.weighting.weights)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        sums, squares = dict.fromkeys(LOSS_TERMS, 0.0), dict.fromkeys(LOSS_TERMS, 0.0)
+        bucket_ce = {b: [0.0, 0.0] for b in self.buckets}
+        for item in prepared:
+            self._forward_backward(item, totals, scales, weights, sums, squares, bucket_ce)
+        real = sum(b.real_tokens for b in batches)
+        grid = sum(b.ids.numel() for b in batches)
+        tail = self._all_reduce(
+            [sums[t] for t in LOSS_TERMS]
+            + [squares[t] for t in LOSS_TERMS]
+            + [v for b in self.buckets for v in bucket_ce[b]]
+            + [real, grid, waited]
+        )
+        n = len(LOSS_TERMS)
+        losses = {t: tail[i] for i, t in enumerate(LOSS_TERMS) if totals[t] > 0}
+        norms = {t: math.sqrt(tail[n + i]) for i, t in enumerate(LOSS_TERMS) if totals[t] > 0}
+        if isinstance(self.weighting, GradNorm):
+            self.weighting.update(losses, norms)
+        seconds = time.perf_counter() - started
+        metrics = {
+            "train/loss": sum(weights[t] * v for t, v in losses.items() if t in weights),
+            "train/lr": lr,
+            "train/supervised_tokens_per_s": totals["ce"] / seconds,
+            "train/tokens_per_s": tail[-3] / seconds,
+            "train/padding_fraction": 1.0 - tail[-3] / max(1.0, tail[-2]),
+            "train/step_seconds": seconds,
+            "train/data_wait_fraction": tail[-1] / self.world / seconds,
+        }
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
+        metrics.update({f"train/loss_{t}": v for t, v in losses.items()})
+        metrics.update({f"gradnorm/weight_{t}": w for t, w in self.weighting.weights.items()})
+        if isinstance(self.weighting, GradNorm):
+            metrics.update({f"gradnorm/grad_norm_{t}": v for t, v in norms.items()})
+        offset = 2 * n
+        for i, bucket in enumerate(self.buckets):
+            total, count = tail[offset + 2 * i], tail[offset + 2 * i + 1]
+            if count > 0:
+                metrics[f"train/loss_ce_{bucket}"] = total / count
+        return StepResult(metrics, stop=head[-2] > 0, fenced=False)
+
+    def _forward_backward(
+        self,
+        item: Prepared,
+        totals: dict[str, float],
+        scales: dict[str, float],
+        weights: dict[str, float],
+        sums: dict[str, float],
+        squares: dict[str, float],
+        bucket_ce: dict[str, list[float]],
+    ) -> None:
+        batch = item.batch
+        terms, hidden, anchor = self.engine(
+            item.inputs, batch.attention_mask, batch.instruction_lengths, item.targets,
+            item.scored, item.t,
+        )  # fmt: skip
+        loss = anchor
+        for term, value in terms.items():
+            loss = loss + weights.get(term, 0.0) * scales[term] * value
+        if isinstance(self.weighting, GradNorm) and terms:
+            self._measure_gradients(item, hidden, totals, squares)
+        self.engine.backward(loss)
+        self.engine.step()
+        for term, value in terms.items():
+            sums[term] += float(value.detach()) / totals[term]
+        if "ce" in terms:
+            bucket_ce[batch.bucket][0] += float(terms["ce"].detach())
+            bucket_ce[batch.bucket][1] += item.counts["ce"]
+
+    def _measure_gradients(
+        self, item: Prepared, hidden: Tensor, totals: dict[str, float], squares: dict[str, float]
+    ) -> None:
+        """Add each term's squared gradient norm at the shared hidden state (GradNorm's G_i)."""
+        shared = hidden.detach().requires_grad_(True)
+        with self._gathered_heads():
+            terms = self.objective.term_sums(
+                shared, item.inputs, item.targets, item.scored, item.t, detached_heads=True
+            )
+            for term, value in terms.items():
+                (grad,) = torch.autograd.grad(value / totals[term], shared, retain_graph=True)
+                squares[term] += float(grad.float().pow(2).sum())
+
+    def _gathered_heads(self) -> AbstractContextManager[Any]:
+        """Under ZeRO-3 the heads' weights are partitioned: gather them to read them."""
+        if self.cfg.zero_stage != 3:
+            return nullcontext()
+        import deepspeed
+
+        heads = [self.model.head(g) for g in self.model.groups.names]
+        heads += list(self.model.reconstruction.values())
+        params = [p for layer in heads for p in layer.parameters()]
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self) -> None:
+        """Save step ``self.step`` on every rank; rank 0 marks it complete when all are done."""
+        self.writer.wait()
+        step, root = self.step, self.writer.local_run_dir()
+        folder = self.writer.local_step_dir(step)
+        self.engine.save_checkpoint(
+            str(root), tag=step_name(step), client_state={"step": step}, save_latest=False
+        )
+        position = self.source.position
+        mine = {"step": step, "streams": position.streams, "schedule": position.schedule,
+                "rng": rng_state()}  # fmt: skip
+        (folder / rank_file(self.rank)).write_text(json.dumps(mine))
+        self._save_consolidated(folder / MODEL_DIR)
+        if self.rank == 0:
+            trainer = {
+                "step": step,
+                "world": self.world,
+                "weighting": self.weighting.state_dict(),
+                "fingerprints": self.plan.fingerprints,
+                "skipped": dict(self.source.skipped()),
+            }
+            (folder / TRAINER_STATE).write_text(json.dumps(trainer, indent=2))
+        self.writer.finish(step, barrier=dist.barrier)
+
+    def _save_consolidated(self, folder: Path) -> None:
+        """``OmniModel.save`` of the full weights (gathered first under ZeRO-3), rank 0 writes."""
+        if self.cfg.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(
+                list(self.model.parameters()), modifier_rank=None
+            ):
+                if self.rank == 0:
+                    self.model.save(folder)
+        elif self.rank == 0:
+            self.model.save(folder)
+
+    def _on_checkpoint(self, step: int, uri: str) -> None:
+        if self.log is not None:
+            self.log.set_tag("checkpoint.latest", uri)
+            self.log.set_tag(f"checkpoint.{step_name(step)}", uri)
+
+    def _on_pruned(self, step: int) -> None:
+        if self.log is not None:
+            self.log.delete_tag(f"checkpoint.{step_name(step)}")
