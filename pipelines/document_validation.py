@@ -4,6 +4,11 @@ Media paths are resolved against the corpus root (never outside it), media are l
 and decoded once here, and the row embeds the bytes so no later stage reads the raw
 corpus again. The token estimate drives shard balancing only; the pretokenize stage
 counts real tokens.
+
+An empty or whitespace-only text segment is dropped and its document kept while any
+segment remains: an image whose caption is empty (img2dataset writes ``KEY.txt`` empty
+when the source had none) is an image-only document, still good for tokenizer training
+and unconditional generation. A document left with no segment is ``no_segments``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pipelines.documents import (
     extension_of,
     signature,
 )
-from pipelines.media_checks import CHECKS, MediaInfo, MediaLimits, check_text
+from pipelines.media_checks import CHECKS, MediaInfo, MediaLimits, check_text, decode_utf8
 
 
 @dataclass(frozen=True)
@@ -73,10 +78,27 @@ def _load_media(storage: Storage, raw: RawDocument, segment: dict[str, Any]) -> 
         raise Rejected("media_missing", f"{path} is a directory") from None
 
 
+def _text_of(storage: Storage, raw: RawDocument, segment: dict[str, Any], position: int) -> str:
+    """A text segment's text: inline ``text``, else the UTF-8 file at ``path`` (some
+    interleaved exports store long texts in files beside the media)."""
+    if "text" in segment or segment.get("path") is None:
+        return check_text(segment.get("text"))
+    data, _ = _load_media(storage, raw, segment)
+    try:
+        return check_text(decode_utf8(data))
+    except Rejected as rejected:
+        raise Rejected(
+            rejected.reason, f"segment {position} ({segment['path']}): {rejected.detail}"
+        ) from None
+
+
 def accept(
     raw: RawDocument, storage: Storage, limits: MediaLimits, costs: TokenCosts
 ) -> dict[str, Any]:
-    """Validate every segment of ``raw``; return its shard row or raise :class:`Rejected`."""
+    """Validate every segment of ``raw``; return its shard row or raise :class:`Rejected`.
+
+    The row's ``segments`` leave out the empty text segments of ``raw``.
+    """
     if raw.rejection is not None:
         raise raw.rejection
     if not raw.segments:
@@ -87,7 +109,9 @@ def accept(
         if kind not in SEGMENT_TYPES:
             raise Rejected("bad_segment", f"segment {position} has unknown type {kind!r}")
         if kind == "text":
-            text = check_text(segment.get("text"))
+            text = _text_of(storage, raw, segment, position)
+            if not text.strip():
+                continue
             size, info, data, ext = len(text.encode("utf-8")), MediaInfo(), None, ""
         else:
             data, ext = _load_media(storage, raw, segment)
@@ -109,6 +133,8 @@ def accept(
                 "seconds": info.seconds,
             }
         )
+    if not segments:
+        raise Rejected("no_segments", f"all {len(raw.segments)} text segment(s) are empty")
     return {
         "id": raw.id,
         "native_id": raw.native_id,

@@ -7,6 +7,7 @@ again (size, duration) or raises :class:`Rejected` with a stable reason code.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -43,15 +44,17 @@ class MediaInfo:
 
 
 def check_text(text: object) -> str:
-    """Text must be a non-empty string that encodes as UTF-8 (no lone surrogates)."""
+    """Text must be a string that encodes as UTF-8 (no lone surrogates).
+
+    An empty or whitespace-only text passes: the document keeps its other segments
+    (an image whose caption is empty is an image-only document), see ``accept``.
+    """
     if not isinstance(text, str):
         raise Rejected("bad_segment", f"text segment holds {type(text).__name__}, not a string")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise Rejected("invalid_utf8", str(exc)) from None
-    if not text.strip():
-        raise Rejected("empty_text", "text segment is empty")
     return text
 
 
@@ -96,11 +99,21 @@ def check_image(data: bytes, limits: MediaLimits) -> MediaInfo:
 
 
 def check_audio(data: bytes, limits: MediaLimits) -> MediaInfo:
-    """Decode the whole clip (libsndfile, else PyAV for AAC/M4A/Opus); empty is rejected."""
+    """Decode the whole clip (libsndfile, else PyAV for AAC/M4A/Opus); empty is rejected.
+
+    A clip shorter than its header declares is rejected as ``audio_truncated``: decoders
+    return the frames that are there without complaint, so a cut download would pass.
+    WAV is judged from its header alone, FLAC by the frames that decode against the
+    total in its STREAMINFO block.
+    """
     _check_size(data, limits)
+    wav = _wav_frames(data)
+    if wav is not None and wav.present < wav.declared:
+        raise _truncated(wav)
     try:
-        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        frames = samples.shape[0]
+        frames, rate = _decode_audio_with_sndfile(data)
+    except Rejected:
+        raise
     except Exception as sndfile_error:
         try:
             frames, rate = _decode_audio_with_av(data)
@@ -112,6 +125,67 @@ def check_audio(data: bytes, limits: MediaLimits) -> MediaInfo:
     if frames == 0:
         raise Rejected("empty_media", "audio has no samples")
     return MediaInfo(seconds=frames / float(rate), frames=frames)
+
+
+@dataclass(frozen=True)
+class _AudioLength:
+    """Frames a header declares and frames the file holds, at ``rate`` frames per second."""
+
+    declared: int
+    present: int
+    rate: int
+
+
+def _truncated(length: _AudioLength) -> Rejected:
+    return Rejected(
+        "audio_truncated",
+        f"the header declares {length.declared / length.rate:.3f} s ({length.declared} frames),"
+        f" only {length.present / length.rate:.3f} s ({length.present} frames) are there",
+    )
+
+
+def _wav_frames(data: bytes) -> _AudioLength | None:
+    """Declared and present frames of a RIFF/WAVE file, from its chunk headers alone.
+
+    None when ``data`` is not a WAV or its length is unknown to the header (a streamed
+    WAV writes 0 or 0xFFFFFFFF as the data size).
+    """
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    offset, block_align, rate = 12, 0, 0
+    while offset + 8 <= len(data):
+        tag = data[offset : offset + 4]
+        (size,) = struct.unpack_from("<I", data, offset + 4)
+        body = offset + 8
+        if tag == b"fmt " and size >= 16 and body + 16 <= len(data):
+            _, _, rate, _, block_align = struct.unpack_from("<HHIIH", data, body)
+        elif tag == b"data":
+            if not block_align or not rate or size in (0, 0xFFFFFFFF):
+                return None
+            held = min(size, len(data) - body)
+            return _AudioLength(size // block_align, held // block_align, rate)
+        offset = body + size + (size & 1)
+    return None
+
+
+def _decode_audio_with_sndfile(data: bytes) -> tuple[int, int]:
+    """Frames and rate of the whole clip, decoded block by block with libsndfile.
+
+    For FLAC, whose STREAMINFO holds the exact total, fewer frames than declared (a
+    clean cut, or a cut mid-frame that makes the decoder lose sync) is ``audio_truncated``.
+    """
+    with soundfile.SoundFile(io.BytesIO(data)) as clip:
+        declared = clip.frames if clip.format == "FLAC" else 0
+        frames = 0
+        try:
+            for block in clip.blocks(blocksize=4096, dtype="float32", always_2d=True):
+                frames += block.shape[0]
+        except soundfile.LibsndfileError:
+            if frames >= declared:
+                raise
+        if frames < declared:
+            raise _truncated(_AudioLength(declared, frames, clip.samplerate))
+        return frames, clip.samplerate
 
 
 def _decode_audio_with_av(data: bytes) -> tuple[int, int]:

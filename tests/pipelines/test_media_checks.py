@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
+import struct
 from pathlib import Path
 
 import pytest
+import soundfile
 
 from pipelines.documents import Rejected
 from pipelines.media_checks import MediaLimits, check_audio, check_image, check_text, check_video
@@ -85,11 +88,49 @@ def test_video_without_moov_atom_is_rejected_by_decord_and_pyav() -> None:
     assert "decord" in rejected.value.detail and "PyAV" in rejected.value.detail
 
 
-def test_text_must_be_non_empty_utf8() -> None:
+def test_text_must_be_utf8_and_may_be_empty() -> None:
     assert check_text("héllo") == "héllo"
+    assert check_text("   ") == "   "  # the caller drops it and keeps the document
     with pytest.raises(Rejected, match="invalid_utf8"):
         check_text("bad \ud800 surrogate")
-    with pytest.raises(Rejected, match="empty_text"):
-        check_text("   ")
     with pytest.raises(Rejected, match="bad_segment"):
         check_text(42)
+
+
+def rejection(check, data: bytes) -> Rejected:
+    with pytest.raises(Rejected) as rejected:
+        check(data, LIMITS)
+    return rejected.value
+
+
+@pytest.mark.parametrize("kept", [0, 1000, 20_000])
+def test_wav_cut_after_its_header_is_truncated_with_both_durations(kept: int) -> None:
+    """goforward.wav: 44,580 frames of 16-bit mono at 16 kHz (2.786 s) after a 44-byte header."""
+    valid = media("audio/goforward.wav")
+    cut = rejection(check_audio, valid[: 44 + 2 * kept])
+    assert cut.reason == "audio_truncated"
+    assert "declares 2.786 s (44580 frames)" in cut.detail
+    assert f"only {kept / 16_000:.3f} s ({kept} frames)" in cut.detail
+
+
+def flac(wav: bytes) -> bytes:
+    samples, rate = soundfile.read(io.BytesIO(wav), dtype="int16")
+    out = io.BytesIO()
+    soundfile.write(out, samples, rate, format="FLAC")
+    return out.getvalue()
+
+
+def test_flac_shorter_than_its_streaminfo_is_truncated() -> None:
+    valid = flac(media("audio/goforward.wav"))
+    assert check_audio(valid, LIMITS).frames == 44580
+    for cut_at in (len(valid) // 2, len(valid) - 1):
+        cut = rejection(check_audio, valid[:cut_at])
+        assert cut.reason == "audio_truncated" and "declares 2.786 s" in cut.detail
+
+
+def test_wav_whose_header_leaves_the_length_open_is_not_truncated() -> None:
+    """Streaming writers put 0xFFFFFFFF in the data size: the length is unknown, not cut."""
+    valid = bytearray(builders.silent_wav(0.5))
+    data_size = valid.index(b"data") + 4
+    valid[data_size : data_size + 4] = struct.pack("<I", 0xFFFFFFFF)
+    assert check_audio(bytes(valid), LIMITS).seconds == pytest.approx(0.5)
