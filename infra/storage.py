@@ -11,7 +11,9 @@ raw ``open``, so the same code runs on a laptop and against a bucket. fsspec (an
 * URIs in, URIs out: ``glob`` and ``list`` return strings in the caller's own style.
 
 Credentials are never part of the config: s3fs takes them from the standard AWS
-environment variables (``AWS_ACCESS_KEY_ID`` ...), so they cannot leak into logs.
+environment variables (``AWS_ACCESS_KEY_ID`` ...) or profiles, so they cannot leak into
+logs; when there are none, one :class:`StorageError` says which URI needed them and
+where they are read from.
 """
 
 from __future__ import annotations
@@ -79,6 +81,22 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 TRANSIENT_ERRORS = _transient_errors()
 
 
+def _credential_errors() -> tuple[type[BaseException], ...]:
+    with contextlib.suppress(ImportError):
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+
+        return (NoCredentialsError, PartialCredentialsError)
+    return ()
+
+
+CREDENTIAL_ERRORS = _credential_errors()
+CREDENTIAL_SOURCES = (
+    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (+ AWS_SESSION_TOKEN), or a profile "
+    "(AWS_PROFILE, default 'default') in ~/.aws/credentials or ~/.aws/config "
+    "(AWS_SHARED_CREDENTIALS_FILE, AWS_CONFIG_FILE)"
+)
+
+
 def is_remote(uri: str) -> bool:
     """True for URIs with a non-local scheme (``s3://``)."""
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"
@@ -142,6 +160,11 @@ class Storage:
         for attempt in range(1, self.config.retries + 1):
             try:
                 return operation()
+            except CREDENTIAL_ERRORS as exc:
+                raise StorageError(
+                    f"no AWS credentials for {uri} ({self.describe(uri)}): {exc}; they are read "
+                    f"from {CREDENTIAL_SOURCES}"
+                ) from exc
             except TRANSIENT_ERRORS as exc:
                 if attempt == self.config.retries:
                     raise StorageError(
