@@ -96,10 +96,14 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 
 def build_tar(out_path: Path, members: list[tuple[str, bytes]]) -> None:
-    """Write an uncompressed tar holding `members` (name, data) as regular files, in given order."""
+    """Write an uncompressed tar holding `members` (name, data) in given order: regular files,
+    or a directory entry for a name ending in "/" (as `tar cf x.tar dir/` writes first)."""
     with tarfile.open(out_path, "w", format=tarfile.PAX_FORMAT) as tar:
         for name, data in members:
-            tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+            info = _tarinfo(name.rstrip("/"), len(data))
+            if name.endswith("/"):
+                info.type, info.mode, info.size = tarfile.DIRTYPE, 0o755, 0
+            tar.addfile(info, io.BytesIO(data))
 
 
 def add_tar_member(tar_path: Path, name: str, data: bytes) -> None:
@@ -109,33 +113,69 @@ def add_tar_member(tar_path: Path, name: str, data: bytes) -> None:
         tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
 
 
-def build_webdataset_tar(corpus_dir: Path, out_path: Path) -> list[str]:
-    """Write an img2dataset/video2dataset-style tar of the corpus' single-media captioned docs.
+def webdataset_samples(corpus_dir: Path) -> dict[str, dict[str, bytes]]:
+    """img2dataset/video2dataset-style samples of the corpus' single-media captioned docs.
 
     Each doc with exactly one media segment (image/audio/video) and one text segment becomes a
-    sample keyed "000000", "000001", ... (docs.jsonl order) with members `KEY.jpg|wav|mp4` (file
-    bytes), `KEY.txt` (utf-8 text) and `KEY.json` ({"key", "id", "source", "license"}).
-    Members are sorted by name. Returns the keys.
+    sample keyed "000000", "000001", ... (docs.jsonl order): {suffix: bytes} with `jpg|wav|mp4`
+    (file bytes), `txt` (utf-8 text) and `json` ({"key", "id", "source", "license"}).
     """
     corpus_dir = Path(corpus_dir)
-    members: list[tuple[str, bytes]] = []
-    keys: list[str] = []
+    samples: dict[str, dict[str, bytes]] = {}
     for doc in read_docs(corpus_dir):
         segs = doc["segments"]
         media = [s for s in segs if s["type"] in MEDIA_EXT]
         if len(segs) != 2 or len(media) != 1:
             continue
         (text,) = (s["text"] for s in segs if s["type"] == "text")
-        key = f"{len(keys):06d}"
+        key = f"{len(samples):06d}"
         meta = {"key": key, "id": doc["id"], "source": doc["source"], "license": doc["license"]}
-        members += [
-            (f"{key}.{MEDIA_EXT[media[0]['type']]}", (corpus_dir / media[0]["path"]).read_bytes()),
-            (f"{key}.txt", text.encode("utf-8")),
-            (f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8")),
-        ]
-        keys.append(key)
-    build_tar(out_path, sorted(members))
-    return keys
+        samples[key] = {
+            MEDIA_EXT[media[0]["type"]]: (corpus_dir / media[0]["path"]).read_bytes(),
+            "txt": text.encode("utf-8"),
+            "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+        }
+    return samples
+
+
+def tar_members(samples: dict[str, dict[str, bytes]]) -> list[tuple[str, bytes]]:
+    """Members `KEY.SUFFIX` of `samples`, sorted by name (WebDataset order)."""
+    return sorted(
+        (f"{key}.{suffix}", data) for key, m in samples.items() for suffix, data in m.items()
+    )
+
+
+def scattered(members: list[tuple[str, bytes]], seed: int = 0) -> list[tuple[str, bytes]]:
+    """`members` in a deterministic shuffled order, as `tar cf x.tar dir/` over a directory
+    nobody sorted gives them: the members of one sample are not adjacent."""
+    shuffled = list(members)
+    random.Random(seed).shuffle(shuffled)
+    return shuffled
+
+
+def blank_every_third_caption(samples: dict[str, dict[str, bytes]]) -> dict[str, str]:
+    """Edit `samples` in place as img2dataset writes sources that had no caption: every third
+    sample gets an empty, a whitespace-only or no `txt`. Returns key -> the media-only
+    signature each of them must get (`image`, `audio`, `video`)."""
+    media_only = {}
+    for index, (key, members) in enumerate(samples.items()):
+        if index % 3 == 0:
+            variant = index % 9
+            if variant == 0:
+                del members["txt"]
+            else:
+                members["txt"] = b"" if variant == 3 else b" \n\t"
+            (extension,) = set(members) - {"txt", "json"}
+            media_only[key] = {ext: kind for kind, ext in MEDIA_EXT.items()}[extension]
+    return media_only
+
+
+def build_webdataset_tar(corpus_dir: Path, out_path: Path) -> list[str]:
+    """Write the `webdataset_samples` of the corpus as a tar, members sorted by name; return
+    the keys."""
+    samples = webdataset_samples(corpus_dir)
+    build_tar(out_path, tar_members(samples))
+    return list(samples)
 
 
 # --------------------------------------------------------------------------- bad media

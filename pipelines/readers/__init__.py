@@ -1,6 +1,6 @@
 """Raw-corpus readers, one per input format, found by name in :data:`READERS`."""
 
-from pipelines.readers.base import Reader, Split, SplitOptions
+from pipelines.readers.base import InputWarning, Reader, Split, SplitOptions
 from pipelines.readers.jsonl import JsonlReader
 from pipelines.readers.obelics import ObelicsReader
 from pipelines.readers.webdataset_tar import WebDatasetReader
@@ -11,4 +11,4 @@ READERS: dict[str, Reader] = {
     "webdataset": WebDatasetReader(),
 }
 
-__all__ = ["READERS", "Reader", "Split", "SplitOptions"]
+__all__ = ["READERS", "InputWarning", "Reader", "Split", "SplitOptions"]

@@ -10,6 +10,12 @@ from infra.storage import Storage
 from pipelines.documents import RawDocument
 
 
+class InputWarning(UserWarning):
+    """Something about an input file its user should know that costs no document (a tar
+    not in WebDataset order). Readers ``warnings.warn`` it; the shard stage collects
+    each one once into its summary."""
+
+
 @dataclass(frozen=True)
 class SplitOptions:
     """How finely inputs are cut; more splits = more parallelism and finer resume."""

@@ -1,9 +1,18 @@
 """img2dataset / video2dataset tars: ``KEY.jpg|mp4|wav...`` with ``KEY.txt`` and ``KEY.json``.
 
-Members of one sample must be adjacent (the WebDataset convention); a key that comes back
-later in the tar is a duplicate, not a continuation. Member names are never used as file
-system paths, but unsafe ones (absolute, ``..``, links, devices) are rejected anyway:
-such a tar was not written by a well-behaved tool.
+Members are grouped by key over the whole tar, not by adjacency: ``tar cf x.tar dir/``
+without sorting scatters a sample's members (``0001.jpg``, ``0000.jpg``, ``0001.txt``), and
+such a tar is read whole, with one :class:`~pipelines.readers.base.InputWarning` saying it
+is not in WebDataset order (plain WebDataset readers would mis-group it). A tar is one
+shard, bounded in size, so it is read in one sequential pass (local, ``s3://``,
+compressed alike) and its samples are held until the pass ends.
+
+Every key is one document with one fate: accepted whole, or rejected once with the first
+reason found (a member extension that appears twice, an unsafe member, undecodable
+``.txt``/``.json``). A missing or empty ``.txt`` leaves a media-only document. Member names
+are never used as file system paths, but unsafe ones (absolute, ``..``, links, devices) are
+rejected anyway: such a tar was not written by a well-behaved tool. Directory entries carry
+no data and are skipped.
 """
 
 from __future__ import annotations
@@ -11,12 +20,14 @@ from __future__ import annotations
 import json
 import posixpath
 import tarfile
+import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from infra.storage import Storage
 from pipelines.documents import RawDocument, Rejected, extension_of, media_type_of
 from pipelines.media_checks import decode_utf8
-from pipelines.readers.base import Split, SplitOptions
+from pipelines.readers.base import InputWarning, Split, SplitOptions
 
 
 def sample_key(name: str) -> tuple[str, str]:
@@ -38,6 +49,19 @@ def unsafe_member_reason(member: tarfile.TarInfo) -> str | None:
     return None
 
 
+@dataclass
+class _Sample:
+    """The members of one key, by lower-case suffix, and the first reason to reject it."""
+
+    members: dict[str, bytes] = field(default_factory=dict)
+    rejection: Rejected | None = None
+
+    def reject(self, rejection: Rejected) -> None:
+        if self.rejection is None:
+            self.rejection = rejection
+        self.members.clear()  # a rejected sample's bytes are not needed
+
+
 class WebDatasetReader:
     """Tars are read whole: img2dataset and video2dataset already write balanced shards."""
 
@@ -50,58 +74,78 @@ class WebDatasetReader:
         return [Split(self.format, uri, namespace, media_root)]
 
     def read(self, storage: Storage, split: Split) -> Iterator[RawDocument]:
-        seen: set[str] = set()
-        current_key: str | None = None
-        members: dict[str, bytes] = {}
-        with (
-            storage.open(split.uri, "rb") as handle,
-            tarfile.open(fileobj=handle, mode="r|*") as tar,
-        ):
-            for member in tar:
-                reason = unsafe_member_reason(member)
-                if reason:
-                    yield RawDocument(
-                        member.name,
-                        f"{split.uri}#{member.name}",
-                        split.namespace,
-                        rejection=Rejected("unsafe_tar_member", reason),
+        """One document per key, in the order keys first appear in the tar.
+
+        A tar that breaks mid-read (truncated, corrupt compression) still gives the
+        samples read before the break; the sample whose member broke is rejected as
+        ``unreadable_input``. A break between members raises after the samples, so the
+        caller can report the rest of the file.
+        """
+        samples: dict[str, _Sample] = {}
+        broken: Exception | None = None
+        in_order, previous_key = True, None
+        in_progress: tarfile.TarInfo | None = None
+        with storage.open(split.uri, "rb") as handle:
+            try:
+                with tarfile.open(fileobj=handle, mode="r|*") as tar:
+                    for member in tar:
+                        if member.isdir():
+                            continue
+                        key, suffix = sample_key(member.name)
+                        in_order = in_order and (key == previous_key or key not in samples)
+                        previous_key, in_progress = key, member
+                        self._add(samples.setdefault(key, _Sample()), member, suffix.lower(), tar)
+                        in_progress = None
+            except tarfile.TarError as exc:
+                if in_progress is None:
+                    broken = exc
+                else:
+                    samples[previous_key].reject(
+                        Rejected("unreadable_input", f"member {in_progress.name!r}: {exc}")
                     )
-                    continue
-                key, suffix = sample_key(member.name)
-                if key != current_key:
-                    if current_key is not None:
-                        yield self._document(current_key, members, split)
-                    if key in seen:
-                        yield RawDocument(
-                            key,
-                            f"{split.uri}#{key}",
-                            split.namespace,
-                            rejection=Rejected("duplicate_id", f"key {key!r} appears twice"),
-                        )
-                        current_key, members = None, {}
-                        continue
-                    seen.add(key)
-                    current_key, members = key, {}
-                extracted = tar.extractfile(member)
-                members[suffix.lower()] = extracted.read() if extracted else b""
-            if current_key is not None:
-                yield self._document(current_key, members, split)
+        if not in_order:
+            warnings.warn(
+                f"{split.uri}: the members of a sample are not adjacent (not in WebDataset "
+                "order); read here grouped by key over the whole tar, but plain WebDataset "
+                "readers would mis-group them",
+                InputWarning,
+                stacklevel=2,
+            )
+        for key, sample in samples.items():
+            yield self._document(key, sample, split)
+        if broken is not None:
+            raise broken
 
     def scan(self, storage: Storage, split: Split) -> Iterator[RawDocument]:
         raise NotImplementedError("tars are whole-file shards and are never scanned")
 
-    def _document(self, key: str, members: dict[str, bytes], split: Split) -> RawDocument:
+    @staticmethod
+    def _add(sample: _Sample, member: tarfile.TarInfo, suffix: str, tar: tarfile.TarFile) -> None:
+        reason = unsafe_member_reason(member)
+        if reason:
+            sample.reject(Rejected("unsafe_tar_member", reason))
+        elif suffix in sample.members:
+            sample.reject(Rejected("duplicate_id", f"member {member.name!r} appears twice"))
+        elif sample.rejection is None:
+            extracted = tar.extractfile(member)
+            sample.members[suffix] = extracted.read() if extracted else b""
+
+    @staticmethod
+    def _document(key: str, sample: _Sample, split: Split) -> RawDocument:
         document = RawDocument(key, f"{split.uri}#{key}", split.namespace)
+        if sample.rejection is not None:
+            document.rejection = sample.rejection
+            return document
+        members = sample.members
         try:
             if "json" in members:
                 metadata = json.loads(decode_utf8(members["json"]))
                 document.metadata = metadata if isinstance(metadata, dict) else {"json": metadata}
             for suffix, data in sorted(members.items()):
-                media_type = media_type_of(extension_of(f"x.{suffix}"))
+                extension = extension_of(f"x.{suffix}")
+                media_type = media_type_of(extension)
                 if media_type:
-                    document.segments.append(
-                        {"type": media_type, "bytes": data, "ext": extension_of(f"x.{suffix}")}
-                    )
+                    document.segments.append({"type": media_type, "bytes": data, "ext": extension})
             if "txt" in members:
                 document.segments.append({"type": "text", "text": decode_utf8(members["txt"])})
         except Rejected as rejected:

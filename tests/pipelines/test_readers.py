@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import tarfile
+import warnings
 from pathlib import Path
 
 import pytest
 
 from infra.storage import Storage
-from pipelines.readers import READERS, SplitOptions
+from pipelines.readers import READERS, InputWarning, SplitOptions
 from tests import builders
 
 STORAGE = Storage()
+SAMPLE_MEDIA = Path(__file__).resolve().parents[2] / "examples" / "corpus" / "media"
 
 
 def read_file(fmt: str, uri: str, options: SplitOptions, media_root: str = "") -> list:
@@ -101,8 +104,60 @@ def test_webdataset_reader_groups_members_by_key(tmp_path: Path, sample_corpus: 
     assert kinds == {"image", "audio", "video"}
 
 
-def test_webdataset_unsafe_members_and_duplicate_keys(tmp_path: Path, sample_corpus: Path) -> None:
-    jpg = (sample_corpus / "media/images/coffee.jpg").read_bytes()
+def webdataset_docs(uri: Path) -> tuple[list, list[warnings.WarningMessage]]:
+    """The documents of one tar and the InputWarnings its reading gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        docs = read_file("webdataset", str(uri), SplitOptions(1, 1))
+    return docs, [w for w in caught if issubclass(w.category, InputWarning)]
+
+
+def test_webdataset_sorted_tar_reads_without_warning(tmp_path: Path, sample_corpus: Path) -> None:
+    uri = tmp_path / "sorted.tar"
+    builders.build_webdataset_tar(sample_corpus, uri)
+    _, caught = webdataset_docs(uri)
+    assert caught == []
+
+
+def test_webdataset_scattered_members_are_grouped_by_key_with_one_warning(
+    tmp_path: Path, sample_corpus: Path
+) -> None:
+    samples = builders.webdataset_samples(sample_corpus)
+    members = builders.scattered(builders.tar_members(samples))
+    uri = tmp_path / "unsorted.tar"
+    builders.build_tar(uri, [("shard/", b"")] + [(f"shard/{n}", d) for n, d in members])
+
+    docs, caught = webdataset_docs(uri)
+    assert sorted(d.native_id for d in docs) == sorted(f"shard/{key}" for key in samples)
+    for doc in docs:
+        sample = samples[doc.native_id.removeprefix("shard/")]
+        assert doc.rejection is None
+        assert [s["type"] for s in doc.segments][-1] == "text"
+        assert doc.segments[-1]["text"] == sample["txt"].decode()
+        assert doc.segments[0]["bytes"] == next(
+            d for k, d in sample.items() if k in ("jpg", "wav", "mp4")
+        )
+        assert doc.metadata["key"] == doc.native_id.removeprefix("shard/")
+    assert len(caught) == 1
+    assert str(uri) in str(caught[0].message) and "WebDataset order" in str(caught[0].message)
+
+
+def test_webdataset_true_duplicate_rejects_only_its_key(tmp_path: Path) -> None:
+    jpg = (SAMPLE_MEDIA / "images/coffee.jpg").read_bytes()
+    uri = tmp_path / "dup.tar"
+    builders.build_tar(uri, [
+        ("000.jpg", jpg), ("000.txt", b"first"),
+        ("001.jpg", jpg), ("001.txt", b"second"), ("001.JPG", jpg),
+        ("002.jpg", jpg), ("002.txt", b"third"),
+    ])  # fmt: skip
+    docs, _ = webdataset_docs(uri)
+    found = [(d.native_id, d.rejection.reason if d.rejection else "") for d in docs]
+    assert found == [("000", ""), ("001", "duplicate_id"), ("002", "")]
+    assert "'001.JPG' appears twice" in docs[1].rejection.detail
+
+
+def test_webdataset_unsafe_members_reject_their_key_once(tmp_path: Path) -> None:
+    jpg = (SAMPLE_MEDIA / "images/coffee.jpg").read_bytes()
     uri = tmp_path / "evil.tar"
     builders.build_tar(
         uri,
@@ -110,19 +165,53 @@ def test_webdataset_unsafe_members_and_duplicate_keys(tmp_path: Path, sample_cor
             ("000.jpg", jpg),
             ("000.txt", b"coffee"),
             ("../evil.jpg", jpg),
+            ("../evil.txt", b"x"),
             ("/abs.txt", b"x"),
             ("001.txt", b"\xff\xfe bad utf8"),
             ("000.json", b"{}"),
         ],
     )
-    docs = read_file("webdataset", str(uri), SplitOptions(1, 1))
-    found = sorted((d.native_id, d.rejection.reason if d.rejection else "") for d in docs)
-    assert found == sorted(
-        [
-            ("000", ""),
-            ("../evil.jpg", "unsafe_tar_member"),
-            ("/abs.txt", "unsafe_tar_member"),
-            ("001", "invalid_utf8"),
-            ("000", "duplicate_id"),  # a key that comes back later is not a continuation
-        ]
-    )
+    docs, _ = webdataset_docs(uri)
+    found = [(d.native_id, d.rejection.reason if d.rejection else "") for d in docs]
+    assert found == [
+        ("000", ""),
+        ("../evil", "unsafe_tar_member"),
+        ("/abs", "unsafe_tar_member"),
+        ("001", "invalid_utf8"),
+    ]
+    assert docs[0].metadata == {} and [s["type"] for s in docs[0].segments] == ["image", "text"]
+
+
+def test_webdataset_truncated_tar_keeps_the_samples_before_the_cut(tmp_path: Path) -> None:
+    jpg = (SAMPLE_MEDIA / "images/coffee.jpg").read_bytes()
+    whole = tmp_path / "whole.tar"
+    builders.build_tar(whole, [("000.jpg", jpg), ("000.txt", b"a"), ("001.jpg", jpg)])
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole.read_bytes()[: -len(jpg) // 2])
+    reader = READERS["webdataset"]
+    [split] = reader.splits(STORAGE, str(cut), "test/cut.tar", "", SplitOptions(1, 1))
+    docs = list(reader.read(STORAGE, split))
+    assert [d.native_id for d in docs] == ["000", "001"]
+    assert docs[0].rejection is None and len(docs[0].segments) == 2
+    assert docs[1].rejection.reason == "unreadable_input"
+    assert "'001.jpg'" in docs[1].rejection.detail
+
+
+def test_webdataset_tar_broken_between_members_raises_after_its_samples(tmp_path: Path) -> None:
+    """A pax header followed by a header with a bad checksum: tarfile raises in the member
+    list (not in a member's data), after sample 000 was read whole."""
+    jpg = (SAMPLE_MEDIA / "images/coffee.jpg").read_bytes()
+    whole = tmp_path / "whole.tar"
+    long_name = "d" * 120 + "/001.jpg"  # more than 100 characters: written with a pax header
+    builders.build_tar(whole, [("000.jpg", jpg), ("000.txt", b"a"), (long_name, jpg)])
+    data = bytearray(whole.read_bytes())
+    header = (data.index(b" path=") // 512 + 1) * 512  # the block after the pax record
+    data[header + 148 : header + 156] = b"garbage!"  # its checksum field
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(bytes(data))
+    reader = READERS["webdataset"]
+    [split] = reader.splits(STORAGE, str(broken), "test/broken.tar", "", SplitOptions(1, 1))
+    docs = []
+    with pytest.raises(tarfile.ReadError):
+        docs.extend(reader.read(STORAGE, split))
+    assert [(d.native_id, d.rejection) for d in docs] == [("000", None)]
