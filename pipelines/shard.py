@@ -27,8 +27,9 @@ import contextlib
 import hashlib
 import json
 import time
+import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +46,7 @@ from pipelines.document_validation import TokenCosts, accept
 from pipelines.documents import RawDocument, Rejected
 from pipelines.media_checks import MediaLimits
 from pipelines.ray_units import find_crashing, run_units
-from pipelines.readers import READERS, Split, SplitOptions
+from pipelines.readers import READERS, InputWarning, Split, SplitOptions
 from pipelines.shard_plan import ScanContext, plan_shards, scan_file
 from pipelines.stage_state import (
     RUNNING,
@@ -143,6 +144,7 @@ class ShardReport:
     signatures: dict[str, int]
     est_tokens: int
     seconds: float
+    empty_text_segments: int = 0
     resumed_units: int = 0
     shard_documents: list[int] = field(default_factory=list)
     shard_planned_tokens: list[int] = field(default_factory=list)
@@ -174,19 +176,39 @@ def _quarantine_row(raw: RawDocument, rejected: Rejected) -> dict[str, str]:
     }
 
 
-def _read_all(split: Split, storage: Storage) -> Iterable[RawDocument]:
-    """The split's documents; a file that breaks mid-read yields one last rejection."""
-    try:
-        yield from READERS[split.format].read(storage, split)
-    except (StorageError, *TRANSIENT_ERRORS):
-        raise  # fail the task so Ray retries it: the input may be fine once the network is
-    except Exception as exc:
-        yield RawDocument(
-            f"<unreadable {split.key}>",
-            split.uri,
-            split.namespace,
-            rejection=Rejected("unreadable_input", f"{type(exc).__name__}: {exc}"),
-        )
+def _read_all(split: Split, storage: Storage) -> tuple[list[RawDocument], list[str]]:
+    """The split's documents, and the reader's warnings about the file (InputWarning).
+
+    A file that breaks mid-read gives the documents read so far and one last rejection.
+    """
+    documents: list[RawDocument] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InputWarning)
+        try:
+            documents.extend(READERS[split.format].read(storage, split))
+        except (StorageError, *TRANSIENT_ERRORS):
+            raise  # fail the task so Ray retries it: the input may be fine once the network is
+        except Exception as exc:
+            documents.append(
+                RawDocument(
+                    f"<unreadable {split.key}>",
+                    split.uri,
+                    split.namespace,
+                    rejection=Rejected("unreadable_input", f"{type(exc).__name__}: {exc}"),
+                )
+            )
+    notes = []
+    for caught_warning in caught:
+        if issubclass(caught_warning.category, InputWarning):
+            notes.append(str(caught_warning.message))
+        else:  # not ours to collect: let it through as if never caught
+            warnings.warn_explicit(
+                caught_warning.message,
+                caught_warning.category,
+                caught_warning.filename,
+                caught_warning.lineno,
+            )
+    return documents, notes
 
 
 def _stats_uri(stage_dir: str, name: str) -> str:
@@ -209,19 +231,24 @@ def write_shard(row: dict[str, Any], context: _WriteContext) -> dict[str, Any]:
         return {**json.loads(storage.read_bytes(stats_uri)), "resumed": True}
     duplicates = {key: set(positions) for key, positions in row["duplicates"]}
     crashed = {(key, position): reason for key, position, reason in row.get("crashed", [])}
-    accepted, rejected = [], []
+    accepted, rejected, notes, empty_texts = [], [], [], 0
     for split_row in row["splits"]:
         split = Split.from_row(split_row)
         skip = duplicates.get(split.key, set())
-        for position, raw in enumerate(_read_all(split, storage)):
+        documents, split_notes = _read_all(split, storage)
+        notes += split_notes
+        for position, raw in enumerate(documents):
             try:
                 if position in skip:
                     raise Rejected("duplicate_id", "an earlier document of the input has this id")
                 if (split.key, position) in crashed:
                     raise Rejected("decoder_crashed", crashed[split.key, position])
-                accepted.append(accept(raw, storage, context.limits, context.costs))
+                document = accept(raw, storage, context.limits, context.costs)
             except Rejected as reason:
                 rejected.append(_quarantine_row(raw, reason))
+                continue
+            accepted.append(document)
+            empty_texts += len(raw.segments) - len(document["segments"])  # accept drops them
     stats: dict[str, Any] = {
         "path": None,
         "documents": 0,
@@ -246,6 +273,8 @@ def write_shard(row: dict[str, Any], context: _WriteContext) -> dict[str, Any]:
         _quarantine_uri(context.stage_dir, name), parquet_bytes(quarantine_table(rejected))
     )
     stats["quarantined"] = len(rejected)
+    stats["empty_text_segments"] = empty_texts
+    stats["notes"] = notes
     stats["planned_tokens"] = row["est_tokens"]
     storage.write_bytes(stats_uri, json.dumps(stats).encode())
     return {**stats, "resumed": False}
@@ -263,7 +292,8 @@ def validate_documents(
     for index, position in items:
         wanted.setdefault(index, set()).add(position)
     for index, positions in wanted.items():
-        for position, raw in enumerate(_read_all(Split.from_row(splits[index]), context.storage)):
+        documents, _ = _read_all(Split.from_row(splits[index]), context.storage)
+        for position, raw in enumerate(documents):
             if position in positions:
                 with contextlib.suppress(Rejected):
                     accept(raw, context.storage, context.limits, context.costs)
@@ -281,7 +311,7 @@ def _crash_isolation(
         items = [
             (index, position)
             for index, split_row in enumerate(splits)
-            for position, _ in enumerate(_read_all(Split.from_row(split_row), context.storage))
+            for position in range(len(_read_all(Split.from_row(split_row), context.storage)[0]))
         ]
         culprits = find_crashing(lambda group: probe.remote(splits, group, context), items)
         if not culprits:
@@ -343,6 +373,8 @@ def _report_from_success(stage_dir: str, success: dict[str, Any], seconds: float
         quarantined=success["quarantined"],
         signatures=success["signatures"],
         est_tokens=success["est_tokens"],
+        # absent from markers written before empty text segments were dropped and counted
+        empty_text_segments=success.get("empty_text_segments", 0),
         seconds=seconds,
         notes=[f"already done with fingerprint {success['fingerprint']}: nothing to do"],
     )
@@ -438,10 +470,11 @@ def run(config: PipelineConfig) -> ShardReport:
         signatures=dict(sorted(signatures.items())),
         est_tokens=sum(entry["est_tokens"] for entry in manifest),
         seconds=time.time() - started,
+        empty_text_segments=sum(r["empty_text_segments"] for r in written),
         resumed_units=sum(1 for r in written if r["resumed"]),
         shard_documents=[entry["documents"] for entry in manifest],
         shard_planned_tokens=[entry["planned_tokens"] for entry in manifest],
-        notes=notes,
+        notes=notes + sorted(note for r in written for note in r["notes"]),
     )
     write_marker(
         storage,
@@ -457,6 +490,7 @@ def run(config: PipelineConfig) -> ShardReport:
             quarantined=report.quarantined,
             signatures=report.signatures,
             est_tokens=report.est_tokens,
+            empty_text_segments=report.empty_text_segments,
             inputs=[redact_uri(f.uri) for f in files],
         ),
     )

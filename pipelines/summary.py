@@ -26,6 +26,8 @@ def render_shard_report(report: ShardReport, console: Console) -> None:
     table.add_row("documents in", f"{report.documents_in:,}")
     table.add_row("documents out", f"{report.documents_out:,}")
     table.add_row("quarantined", f"{sum(report.quarantined.values()):,}")
+    if report.empty_text_segments:
+        table.add_row("empty text segments dropped", f"{report.empty_text_segments:,}")
     table.add_row("shards", f"{report.shards:,}")
     if report.shard_documents:
         table.add_row("documents per shard", _spread(report.shard_documents))

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
+from infra.services import MotoServer
 from pipelines.cli import app
-from pipelines.shard import ShardConfig
+from pipelines.shard import ShardConfig, ShardReport
+from pipelines.summary import render_shard_report
+from tests.conftest import REPO
 
 runner = CliRunner()
 
@@ -81,3 +88,51 @@ def test_successful_run_prints_the_summary(
     assert "image+text 52" in text
     again = runner.invoke(app, ["shard", "-c", str(path)])
     assert "skipped (already done)" in plain(again.output)
+
+
+@pytest.mark.integration
+def test_s3_without_credentials_exits_1_with_one_line(
+    tmp_path: Path, moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reachable endpoint, no credentials anywhere: one line naming the URI and where
+    credentials are read from, not a botocore traceback. A fresh process, so no cached
+    S3 client of another test can hold credentials."""
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    empty = tmp_path / "empty-aws-file"
+    empty.write_text("")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(empty))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookups
+    monkeypatch.setenv("COLUMNS", "80")  # the line must not be wrapped even when narrow
+    path = config_file(
+        tmp_path,
+        [{"uri": "s3://raw/docs.jsonl", "format": "jsonl"}],
+        storage={"s3": {"endpoint_url": moto_server.endpoint_url}},
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "shard", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert done.returncode == 1, done.stderr
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert "no AWS credentials for s3://raw/docs.jsonl" in lines[0]
+    assert "AWS_ACCESS_KEY_ID" in lines[0] and "AWS_PROFILE" in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_the_shard_summary_counts_dropped_text_segments_and_shows_input_notes() -> None:
+    report = ShardReport(
+        stage_dir="ws/shards", skipped=False, documents_in=3, documents_out=2, shards=1,
+        quarantined={"no_segments": 1}, signatures={"image": 2}, est_tokens=512, seconds=1.0,
+        empty_text_segments=4, notes=["raw/00000.tar: not in WebDataset order"],
+    )  # fmt: skip
+    console = Console(record=True, width=120)
+    render_shard_report(report, console)
+    text = plain(console.export_text())
+    assert "empty text segments dropped 4" in text
+    assert "note: raw/00000.tar: not in WebDataset order" in text

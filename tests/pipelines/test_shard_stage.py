@@ -261,3 +261,112 @@ def test_unreachable_s3_endpoint_fails_fast(ray_cluster: None, s3_env: str, tmp_
                                       "retries": 2, "backoff_s": 0.05})  # fmt: skip
     with pytest.raises(StorageError, match="cannot reach S3 endpoint http://127.0.0.1:9"):
         shard.run(config)
+
+
+def _mixed_corpus(root: Path) -> tuple[list[dict], dict[str, str], dict[str, str]]:
+    """Every case of the shard inputs that used to lose data, side by side: inputs, the
+    native ids that must be accepted with their signature, and the rejected ones with their
+    reason (ids prefixed with their input's name)."""
+    accepted, rejected = {}, {}
+
+    captions = builders.webdataset_samples(SAMPLE_CORPUS)
+    media_only = builders.blank_every_third_caption(captions)
+    (root / "img2dataset").mkdir()
+    builders.build_tar(root / "img2dataset" / "00000.tar", builders.tar_members(captions))
+    media = {"jpg": "image", "wav": "audio", "mp4": "video"}
+    captioned = {}  # key -> signature with its caption, e.g. "image+text", "text+video"
+    for key, members in captions.items():
+        (kind,) = (media[suffix] for suffix in members if suffix in media)
+        captioned[key] = "+".join(sorted([kind, "text"]))
+        accepted[f"img2dataset/{key}"] = media_only.get(key, captioned[key])
+
+    unsorted = builders.webdataset_samples(SAMPLE_CORPUS)
+    (root / "unsorted").mkdir()
+    members = builders.scattered(builders.tar_members(unsorted))
+    members = [("part/", b"")] + [(f"part/{name}", data) for name, data in members]
+    builders.build_tar(root / "unsorted" / "00000.tar", members)
+    for key in unsorted:
+        accepted[f"unsorted/part/{key}"] = captioned[key]
+
+    duplicated = builders.webdataset_samples(SAMPLE_CORPUS)
+    members = builders.tar_members(duplicated)
+    first = members.index(("000001.jpg", duplicated["000001"]["jpg"]))
+    members.insert(first + 1, members[first])  # the same member twice, in WebDataset order
+    (root / "duplicated").mkdir()
+    builders.build_tar(root / "duplicated" / "00000.tar", members)
+    for key in duplicated:
+        if key != "000001":
+            accepted[f"duplicated/{key}"] = captioned[key]
+    rejected["duplicated/000001"] = "duplicate_id"
+
+    jsonl = root / "interleaved"
+    shutil.copytree(SAMPLE_CORPUS / "media", jsonl / "media")
+    wav = (jsonl / "media/audio/goforward.wav").read_bytes()
+    (jsonl / "media/cut.wav").write_bytes(wav[:44])  # the header promises 2.786 s
+    (jsonl / "texts").mkdir()
+    (jsonl / "texts/essay.txt").write_text("A long essay about coffee.\n" * 50, encoding="utf-8")
+    (jsonl / "texts/latin1.txt").write_bytes("Un caf\xe9 cr\xe8me".encode("latin-1"))
+    image = {"type": "image", "path": "media/images/coffee.jpg"}
+    docs = [
+        {"id": "empty-segment", "segments": [{"type": "text", "text": "Coffee:"}, image,
+                                             {"type": "text", "text": "  "}]},
+        {"id": "text-by-path", "segments": [image, {"type": "text", "path": "texts/essay.txt"}]},
+        {"id": "text-by-path-latin1", "segments": [{"type": "text", "path": "texts/latin1.txt"}]},
+        {"id": "truncated-wav", "segments": [{"type": "audio", "path": "media/cut.wav"},
+                                             {"type": "text", "text": "Go forward."}]},
+        {"id": "only-empty-texts", "segments": [{"type": "text", "text": ""}]},
+    ]  # fmt: skip
+    builders.write_jsonl(jsonl / "docs.jsonl", docs)
+    accepted |= {
+        "interleaved/empty-segment": "image+text",
+        "interleaved/text-by-path": "image+text",
+    }
+    rejected |= {
+        "interleaved/text-by-path-latin1": "invalid_utf8",
+        "interleaved/truncated-wav": "audio_truncated",
+        "interleaved/only-empty-texts": "no_segments",
+    }
+    inputs = [
+        {"uri": str(root / name / "00000.tar"), "format": "webdataset"}
+        for name in ("img2dataset", "unsorted", "duplicated")
+    ] + [{"uri": str(jsonl / "docs.jsonl"), "format": "jsonl"}]
+    return inputs, accepted, rejected
+
+
+def test_a_mixed_corpus_loses_no_valid_document_and_rejects_each_bad_one_once(
+    ray_cluster: None, tmp_path: Path
+) -> None:
+    inputs, accepted, rejected = _mixed_corpus(tmp_path)
+    report = shard.run(pipeline_config(tmp_path / "ws", inputs))
+    stage_dir = tmp_path / "ws" / "shards"
+
+    def named(origin: str, native_id: str) -> str:
+        """``<input folder>/<native id>``, as the corpus builder names documents."""
+        return f"{Path(origin).relative_to(tmp_path).parts[0]}/{native_id}"
+
+    rows = shard_rows(stage_dir)
+    names = [named(r["origin"], r["native_id"]) for r in rows]
+    assert sorted(names) == sorted(accepted)  # each exactly once
+    assert {name: r["signature"] for name, r in zip(names, rows, strict=True)} == accepted
+    quarantine = pq.read_table(stage_dir / "quarantine.parquet").to_pylist()
+    by_name = {named(q["source"], q["native_id"]): q for q in quarantine}
+    assert (
+        len(quarantine) == len(by_name) and {n: q["reason"] for n, q in by_name.items()} == rejected
+    )
+    assert not {q["id"] for q in quarantine} & {r["id"] for r in rows}  # never both
+    assert report.quarantined == dict(Counter(rejected.values()))
+    assert report.documents_in == len(accepted) + len(rejected)
+
+    cut = by_name["interleaved/truncated-wav"]["detail"]
+    assert "declares 2.786 s (44580 frames)" in cut and "only 0.000 s (0 frames)" in cut
+    essay = next(r for r in rows if r["native_id"] == "text-by-path")["segments"][1]
+    assert essay["text"] == "A long essay about coffee.\n" * 50
+    kept = next(r for r in rows if r["native_id"] == "empty-segment")["segments"]
+    assert [s["type"] for s in kept] == ["text", "image"]
+    media_only = [
+        n for n, sig in accepted.items() if n.startswith("img2dataset/") and "+" not in sig
+    ]
+    assert len(media_only) == 19  # a third of 57; 7 of them have no .txt at all
+    assert report.empty_text_segments == 19 - 7 + 1
+    disorder = [note for note in report.notes if "WebDataset order" in note]
+    assert len(disorder) == 1 and str(tmp_path / "unsorted" / "00000.tar") in disorder[0]
