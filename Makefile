@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(BIN)/omni shard --config $(CONFIG)
 	$(BIN)/omni tokenizers train --config $(CONFIG)
 	$(BIN)/omni pretokenize --config $(CONFIG)
+	$(BIN)/omni train --config $(CONFIG)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -22,6 +22,8 @@ from infra.storage import is_remote
 
 # Never write ~/.config/mlflow/telemetry.json from library code.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# A progress bar per artifact download would break the one-line errors and summaries.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for one param value
 

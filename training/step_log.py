@@ -16,6 +16,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 
 class StepLog:
@@ -25,6 +26,11 @@ class StepLog:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.run_id, self.last_logged = run_id, last_logged
         self._pending: list[Any] = []
+        # MLflow's own sampler of CPU, memory, disk, network and GPU use (system/* metrics).
+        self.system = SystemMetricsMonitor(
+            run_id, sampling_interval=10, resume_logging=last_logged > 0, tracking_uri=tracking_uri
+        )
+        self.system.start()
 
     def log(self, step: int, metrics: Mapping[str, float]) -> bool:
         """Log ``metrics`` at ``step`` unless that step was logged before; True if logged."""
@@ -46,6 +52,11 @@ class StepLog:
 
     def delete_tag(self, key: str) -> None:
         self.client.delete_tag(self.run_id, key)
+
+    def close(self) -> None:
+        """Flush the metrics and stop the system-metrics sampler."""
+        self.flush()
+        self.system.finish()
 
     def flush(self) -> None:
         """Wait until every queued metric is stored; re-raise a failed write."""

@@ -263,10 +263,10 @@ class Trainer:
                 if result.stop:
                     break
             self.writer.wait()
-            if self.log is not None:
-                self.log.flush()
         finally:
             self.source.close()
+            if self.log is not None:
+                self.log.close()
 
     def _control_flags(self) -> tuple[float, float]:
         """(stop, fenced) as rank 0 reads them; other ranks learn them in the all-reduce."""

@@ -30,7 +30,7 @@ import ray
 
 from infra.config import ConfigError, apply_overrides, fingerprint, public_dict
 from infra.ray_runtime import connect, disconnect
-from infra.storage import Storage, join
+from infra.storage import Storage, is_remote, join
 from infra.tracking import Tracker, open_experiment, tracking_uri
 from pipelines.corpus import absolute
 from pipelines.train.inputs import TrainInputError, TrainInputs, gather_inputs
@@ -78,27 +78,32 @@ def run(
     started = time.time()
     storage = Storage(config.storage)
     workspace = absolute(config.workspace)
-    client, experiment_id = open_experiment(config.mlflow, workspace)
-    uri = tracking_uri(config.mlflow, workspace)
+    root = join(workspace, "checkpoints")
     last_logged, resume_step = 0, None
     if resume:
+        if not config.mlflow.tracking_uri and not _local_store_exists(workspace):
+            raise TrainInputError(f"unknown run id {resume!r}: no MLflow store in {workspace}")
+        client, experiment_id = open_experiment(config.mlflow, workspace)
         config = _logged_config(client, resume, config, overrides)
-    _check_model(config)
-    inputs = gather_inputs(config, storage)
-    root = join(workspace, "checkpoints")
-    if resume:
         run_dir = join(root, resume)
         resume_step = latest_complete(storage, run_dir)
         if resume_step is None:
             raise TrainInputError(f"run {resume} has no complete checkpoint in {run_dir}")
+    _check_model(config)
+    inputs = gather_inputs(config, storage)
+    if resume:
         _check_fingerprints(client.get_run(resume), inputs, force)
         last_logged = _last_logged_step(client, resume)
         run_id = resume
-        client.update_run(run_id, status="RUNNING")
+    else:
+        client, experiment_id = open_experiment(config.mlflow, workspace)
+    uri = tracking_uri(config.mlflow, workspace)
     started_ray = connect(config.ray)
     try:
         _check_resources(config.train)
-        if not resume:
+        if resume:
+            client.update_run(run_id, status="RUNNING")
+        else:
             run_id = _create_run(client, experiment_id, config, inputs)
             run_dir = join(root, run_id)
         control = RunControl(storage, run_dir)
@@ -152,6 +157,10 @@ def run(
 
 
 # ---------------------------------------------------------------------------- config
+
+
+def _local_store_exists(workspace: str) -> bool:
+    return not is_remote(workspace) and (Path(workspace) / "mlflow" / "mlflow.db").is_file()
 
 
 def _model_config(section: ModelSection) -> Any:

@@ -1,0 +1,320 @@
+"""``omni train`` end to end: real Ray Train, real DeepSpeed, real MLflow, moto S3."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from infra.services import MlflowServer, MotoServer
+from pipelines import pretokenize, shard, tokenizers_stage
+from pipelines import train as train_stage
+from pipelines.config import PipelineConfig
+from tests.conftest import REPO, pipeline_config, upload_folder
+from tokenization.token_samples import read_token_samples
+from training.checkpointing import COMPLETE, MODEL_DIR, complete_steps
+from training.dfm import PathConfig, build_path
+from training.held_out import held_out_loss
+from training.model import OmniModel
+from training.objective import Objective
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+CORPUS = REPO / "examples" / "corpus"
+QUICK_TOKENIZERS = {
+    "text": {"vocab_size": 512},
+    "warmup": {"image_steps": 2, "audio_steps": 2, "image_batch": 4, "audio_batch": 2},
+}
+TRAIN = {
+    "num_workers": 2,
+    "micro_batch_size": 2,
+    "grad_accum": 2,
+    "warmup_steps": 2,
+    "lr": 3e-3,
+    "checkpoint_every": 4,
+    "keep_last": 2,
+}
+INPUTS = [{"uri": str(CORPUS / "docs.jsonl"), "format": "jsonl"}]
+
+
+def config_for(workspace: Path, **sections: dict) -> PipelineConfig:
+    train = {**TRAIN, **sections.pop("train", {})}
+    return pipeline_config(
+        workspace,
+        INPUTS,
+        tokenizers=QUICK_TOKENIZERS,
+        pretokenize={"eval_fraction": 0.2},
+        train=train,
+        **sections,
+    )
+
+
+@pytest.fixture(scope="module")
+def tokens_workspace(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None) -> Path:
+    """A workspace whose shards, tokenizers and token shards are built from the corpus."""
+    workspace = tmp_path_factory.mktemp("train-ws")
+    config = config_for(workspace)
+    shard.run(config)
+    tokenizers_stage.run(config)
+    pretokenize.run(config)
+    return workspace
+
+
+def copy_workspace(source: Path, target: Path) -> Path:
+    for part in ("tokens", "tokenizers"):
+        shutil.copytree(source / part, target / part)
+    return target
+
+
+def losses(client: MlflowClient, run_id: str, key: str = "train/loss") -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def eval_samples(workspace: Path) -> list:
+    tars = sorted(str(p) for p in (workspace / "tokens").glob("*/*.tar"))
+    return [s for s in read_token_samples(tars) if s.meta["split"] == "eval"]
+
+
+def objective_for(model: OmniModel) -> Objective:
+    return Objective(model, "dfm", build_path(PathConfig(), model.layout), "cross_entropy")
+
+
+def test_two_workers_train_track_and_checkpoint(
+    tokens_workspace: Path, mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    workspace = copy_workspace(tokens_workspace, tmp_path / "ws")
+    config = config_for(
+        workspace,
+        mlflow={"tracking_uri": mlflow_server.tracking_uri, "experiment": "train-two-workers"},
+        train={"max_steps": 24, "checkpoint_every": 8},
+    )
+    report = train_stage.run(config)
+    assert report.status == "FINISHED" and report.step == 24
+
+    client = MlflowClient(mlflow_server.tracking_uri)
+    run = client.get_run(report.run_id)
+    assert run.info.status == "FINISHED"
+    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    assert params["train.num_workers"] == "2" and params["model.size"] == "tiny"
+    assert {"git.commit", "config.fingerprint", "data.fingerprint"} <= set(tags)
+    run_dir = workspace / "checkpoints" / report.run_id
+    assert tags["checkpoint.latest"] == str(run_dir / "step-0000024")
+    # keep_last=2: steps 16 and 24 remain, each with a tag; step 8 was pruned with its tag
+    assert complete_steps_local(run_dir) == [16, 24]
+    assert {k for k in tags if k.startswith("checkpoint.step-")} == {
+        "checkpoint.step-0000016",
+        "checkpoint.step-0000024",
+    }
+    history = losses(client, report.run_id)
+    assert [step for step, _ in history] == list(range(1, 25))
+    for key in ("train/lr", "train/grad_norm", "train/supervised_tokens_per_s",
+                "train/step_seconds", "train/data_wait_fraction", "train/loss_ce",
+                "gradnorm/weight_ce", "train/loss_ce_text"):  # fmt: skip
+        assert key in metrics, key
+    weights = [v for k, v in metrics.items() if k.startswith("gradnorm/weight_")]
+    assert sum(weights) == pytest.approx(len(weights))
+
+    # The consolidated weights load without DeepSpeed and beat the initial weights on held-out data.
+    trained = OmniModel.load(run_dir / "step-0000024" / MODEL_DIR)
+    torch.manual_seed(0)
+    initial = OmniModel(trained.config, trained.layout, {
+        m: getattr(trained, f"codebook_{m}") for m in ("image", "audio")})  # fmt: skip
+    held_out = eval_samples(workspace)
+    assert len(held_out) > 10
+    before = held_out_loss(objective_for(initial), held_out)
+    after = held_out_loss(objective_for(trained), held_out)
+    assert after < before - 0.5, (before, after)
+
+
+def complete_steps_local(run_dir: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("-")[1]) for p in run_dir.glob(f"step-*/{COMPLETE}"))
+
+
+def train_workers(session_leader: int) -> list[psutil.Process]:
+    """Ray Train worker processes started by the driver whose session is ``session_leader``."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if os.getsid(process.pid) == session_leader and "RayTrainWorker" in " ".join(
+                process.info["cmdline"] or []
+            ):
+                found.append(process)
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return found
+
+
+def test_sigkill_then_resume_logs_the_uninterrupted_losses(
+    tokens_workspace: Path, tmp_path: Path
+) -> None:
+    steps = {"train": {"max_steps": 12, "checkpoint_every": 4}}
+    straight = config_for(copy_workspace(tokens_workspace, tmp_path / "straight"), **steps)
+    reference = train_stage.run(straight)
+    expected = losses(MlflowClient(reference.tracking_uri), reference.run_id)
+    assert [s for s, _ in expected] == list(range(1, 13))
+
+    workspace = copy_workspace(tokens_workspace, tmp_path / "killed")
+    killed = config_for(workspace, ray={"num_cpus": 2}, **steps)
+    config_path = tmp_path / "killed.json"
+    config_path.write_text(killed.model_dump_json())
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", "train", "--config", str(config_path)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    checkpoints = workspace / "checkpoints"
+    try:
+        deadline = time.monotonic() + 240
+        while not list(checkpoints.glob(f"*/step-0000004/{COMPLETE}")):
+            assert driver.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+        workers = train_workers(driver.pid)
+        assert len(workers) == 2
+        os.kill(driver.pid, signal.SIGKILL)  # the driver alone, as the OOM killer would
+        driver.wait(timeout=30)
+        gone, alive = psutil.wait_procs(workers, timeout=60)
+        assert not alive, "training workers outlived their driver"
+        [run_dir] = list(checkpoints.iterdir())
+        written = sorted(str(p) for p in run_dir.rglob("*"))
+        time.sleep(3)
+        assert sorted(str(p) for p in run_dir.rglob("*")) == written, "a worker is still writing"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)  # what is left of its local Ray
+    run_id = run_dir.name
+    assert not list(run_dir.glob(f"step-0000012/{COMPLETE}"))
+    client = MlflowClient(train_stage.stage.tracking_uri(killed.mlflow, str(workspace)))
+    assert client.get_run(run_id).info.status == "RUNNING"  # SIGKILL: nobody ended it
+
+    resumed = train_stage.run(killed, resume=run_id)
+    assert resumed.resumed_from >= 4 and resumed.step == 12
+    assert client.get_run(run_id).info.status == "FINISHED"
+    got = losses(client, run_id)
+    assert [s for s, _ in got] == list(range(1, 13)), "a step logged twice or missing"
+    assert got == expected  # bitwise on CPU
+
+
+def test_sigterm_checkpoints_and_marks_the_run_killed(
+    tokens_workspace: Path, tmp_path: Path
+) -> None:
+    workspace = copy_workspace(tokens_workspace, tmp_path / "ws")
+    config = config_for(workspace, ray={"num_cpus": 2}, train={"max_steps": 400,
+                        "checkpoint_every": 100})  # fmt: skip
+    config_path = tmp_path / "config.json"
+    config_path.write_text(config.model_dump_json())
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", "train", "--config", str(config_path)],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    client = MlflowClient(train_stage.stage.tracking_uri(config.mlflow, str(workspace)))
+    try:
+        deadline = time.monotonic() + 240
+        while not _logged_steps(client, config.mlflow.experiment):
+            assert driver.poll() is None, driver.stdout.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        driver.send_signal(signal.SIGTERM)
+        out, _ = driver.communicate(timeout=180)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 0, out[-3000:]
+    experiment = client.get_experiment_by_name(config.mlflow.experiment)
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "KILLED"
+    step = int(run.data.tags["checkpoint.latest"].rsplit("-", 1)[1])
+    assert 0 < step < 400
+    assert max(s for s, _ in losses(client, run.info.run_id)) == step
+
+
+def _logged_steps(client: MlflowClient, experiment: str) -> int:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return 0
+    runs = client.search_runs([found.experiment_id])
+    return int(runs[0].data.metrics.get("train/step_seconds", 0) > 0) if runs else 0
+
+
+def test_s3_workspace_checkpoints_and_resume(
+    tokens_workspace: Path,
+    moto_server: MotoServer,
+    mlflow_server: MlflowServer,
+    s3_env: str,
+) -> None:
+    upload_folder(moto_server, "train-bucket", "ws/tokens", tokens_workspace / "tokens")
+    upload_folder(moto_server, "train-bucket", "ws/tokenizers", tokens_workspace / "tokenizers")
+    config = config_for(
+        Path("unused"),
+        storage={"s3": {"endpoint_url": s3_env}},
+        mlflow={"tracking_uri": mlflow_server.tracking_uri, "experiment": "train-s3"},
+        train={"num_workers": 1, "max_steps": 4, "checkpoint_every": 2},
+    ).model_copy(update={"workspace": "s3://train-bucket/ws"})
+    report = train_stage.run(config)
+    prefix = f"ws/checkpoints/{report.run_id}"
+    client = moto_server.s3_client()
+    listed = client.list_objects_v2(Bucket="train-bucket", Prefix=prefix)["Contents"]
+    keys = {o["Key"] for o in listed}
+    for step in ("step-0000002", "step-0000004"):
+        assert f"{prefix}/{step}/{COMPLETE}" in keys
+        assert f"{prefix}/{step}/{MODEL_DIR}/model.safetensors" in keys
+        assert f"{prefix}/{step}/rank-0.json" in keys
+    tracking = MlflowClient(mlflow_server.tracking_uri)
+    expected = losses(tracking, report.run_id)
+    # As if the run had died after step 2's checkpoint: step 4's is gone, resume from 2.
+    client.delete_object(Bucket="train-bucket", Key=f"{prefix}/step-0000004/{COMPLETE}")
+    resumed = train_stage.run(config, resume=report.run_id)
+    assert resumed.resumed_from == 2 and resumed.step == 4
+    assert losses(tracking, report.run_id) == expected
+    storage = train_stage.stage.Storage(config.storage)
+    assert complete_steps(storage, f"s3://train-bucket/{prefix}") == [2, 4]
+
+
+def test_two_node_cluster_trains(tokens_workspace: Path, tmp_path: Path) -> None:
+    """The multi-node path: a simulated two-node Ray cluster, one worker per node."""
+    workspace = copy_workspace(tokens_workspace, tmp_path / "ws")
+    config = config_for(workspace, train={"max_steps": 3, "checkpoint_every": 3})
+    config_path = tmp_path / "config.json"
+    config_path.write_text(config.model_dump_json())
+    script = f"""
+import json, ray
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
+cluster.add_node(num_cpus=1)
+ray.init(address=cluster.address)
+from pipelines.config import load_pipeline_config
+from pipelines import train
+report = train.run(load_pipeline_config({str(config_path)!r}))
+nodes = {{n["NodeID"] for n in ray.nodes() if n["Alive"]}}
+print("RESULT", json.dumps({{"status": report.status, "step": report.step, "nodes": len(nodes)}}))
+ray.shutdown(); cluster.shutdown()
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    [line] = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    result: dict[str, Any] = json.loads(line.removeprefix("RESULT "))
+    assert result == {"status": "FINISHED", "step": 3, "nodes": 2}
