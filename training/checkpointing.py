@@ -55,12 +55,23 @@ def rank_file(rank: int) -> str:
     return f"rank-{rank}.json"
 
 
+def _deepspeed_state_classes() -> list[Any]:
+    """The plain-data classes DeepSpeed's ZeRO optimizer states hold, and nothing else."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
 class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch engine, loading with ``weights_only=True``: tensors, containers and
-    plain values only, never an arbitrary pickled object."""
+    """DeepSpeed's torch engine, loading with ``weights_only=True``: tensors, containers,
+    plain values and the few DeepSpeed state classes allow-listed by name, never an
+    arbitrary pickled object."""
 
     def load(self, path: str, map_location: Any = None) -> Any:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(_deepspeed_state_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True)
 
 
 # ---------------------------------------------------------------------------- RNG state
