@@ -33,6 +33,7 @@ from infra.ray_runtime import connect, disconnect
 from infra.storage import Storage, is_remote, join
 from infra.tracking import Tracker, open_experiment, tracking_uri
 from pipelines.corpus import absolute
+from pipelines.stage_state import RUNNING, SUCCESS, begin_stage, success_payload, write_marker
 from pipelines.train.inputs import TrainInputError, TrainInputs, gather_inputs
 from training.checkpointing import latest_complete, step_name
 from training.model_config import load_model_config
@@ -62,6 +63,8 @@ class TrainReport:
     tracking_uri: str
     seconds: float
     metrics: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False
+    notes: list[str] = field(default_factory=list)
 
 
 def run(
@@ -72,6 +75,9 @@ def run(
 ) -> TrainReport:
     """Train (or resume run ``resume``); returns when the run is finished or stopped.
 
+    Without ``resume`` the stage follows ``begin_stage``: a run that finished with this
+    config on these tokens is not trained again, and one that was interrupted (its
+    ``_RUNNING.json`` names it) is resumed from its latest complete checkpoint.
     ``overrides`` are the ``--set`` assignments already applied to ``config``; on resume
     those touching ``model.``/``train.`` must agree with the logged run.
     """
@@ -79,33 +85,44 @@ def run(
     storage = Storage(config.storage)
     workspace = absolute(config.workspace)
     root = join(workspace, "checkpoints")
-    last_logged, resume_step = 0, None
     if resume:
         if not config.mlflow.tracking_uri and not _local_store_exists(workspace):
             raise TrainInputError(f"unknown run id {resume!r}: no MLflow store in {workspace}")
-        client, experiment_id = open_experiment(config.mlflow, workspace)
+        client, _ = open_experiment(config.mlflow, workspace)
         config = _logged_config(client, resume, config, overrides)
-        run_dir = join(root, resume)
-        resume_step = latest_complete(storage, run_dir)
-        if resume_step is None:
-            raise TrainInputError(f"run {resume} has no complete checkpoint in {run_dir}")
+        if latest_complete(storage, join(root, resume)) is None:
+            raise TrainInputError(
+                f"run {resume} has no complete checkpoint in {join(root, resume)}"
+            )
     _check_model(config)
     inputs = gather_inputs(config, storage)
+    stage_dir = join(workspace, STAGE)
+    stage_print = fingerprint(STAGE, _sections(config), inputs.data_fingerprint)
+    notes: list[str] = []
+    if not resume:
+        begun = begin_stage(storage, stage_dir, stage_print)
+        notes += begun.notes
+        if begun.done is not None:
+            return _finished_report(config, begun.done, workspace, started)
+        interrupted = (begun.running or {}).get("run_id")
+        if interrupted and latest_complete(storage, join(root, interrupted)) is not None:
+            resume = interrupted
+            notes.append(f"resuming the interrupted run {interrupted}")
+    client, experiment_id = open_experiment(config.mlflow, workspace)
     if resume:
         _check_fingerprints(client.get_run(resume), inputs, force)
-        last_logged = _last_logged_step(client, resume)
-        run_id = resume
-    else:
-        client, experiment_id = open_experiment(config.mlflow, workspace)
     uri = tracking_uri(config.mlflow, workspace)
     started_ray = connect(config.ray)
     try:
         _check_resources(config.train)
         if resume:
+            run_id, resume_step = resume, latest_complete(storage, join(root, resume))
             client.update_run(run_id, status="RUNNING")
         else:
-            run_id = _create_run(client, experiment_id, config, inputs)
-            run_dir = join(root, run_id)
+            run_id, resume_step = _create_run(client, experiment_id, config, inputs), None
+        run_dir = join(root, run_id)
+        write_marker(storage, stage_dir, RUNNING,
+                     {"stage": STAGE, "fingerprint": stage_print, "run_id": run_id})  # fmt: skip
         control = RunControl(storage, run_dir)
         owner = control.claim()
         plan = WorkerPlan(
@@ -124,7 +141,7 @@ def run(
             weights=inputs.weights,
             fingerprints=_fingerprints(config, inputs),
             resume_step=resume_step,
-            last_logged_step=last_logged,
+            last_logged_step=_last_logged_step(client, run_id) if resume else 0,
         )
         with _stop_on_signals(control, owner) as stopping:
             try:
@@ -141,8 +158,7 @@ def run(
     finally:
         disconnect(started_ray)
     final = latest_complete(storage, run_dir)
-    metrics = client.get_run(run_id).data.metrics
-    return TrainReport(
+    report = TrainReport(
         run_id=run_id,
         experiment=config.mlflow.experiment,
         status=status,
@@ -152,7 +168,39 @@ def run(
         latest_checkpoint=join(run_dir, step_name(final)) if final is not None else None,
         tracking_uri=uri,
         seconds=round(time.time() - started, 1),
-        metrics={k: v for k, v in metrics.items() if k.startswith("train/loss")},
+        metrics=_loss_metrics(client, run_id),
+        notes=notes,
+    )
+    if status == "FINISHED":
+        payload = success_payload(STAGE, stage_print, started, run_id=run_id, step=report.step)
+        write_marker(storage, stage_dir, SUCCESS, payload)
+    return report
+
+
+def _loss_metrics(client: Any, run_id: str) -> dict[str, float]:
+    metrics = client.get_run(run_id).data.metrics
+    return {k: v for k, v in metrics.items() if k.startswith("train/loss")}
+
+
+def _finished_report(
+    config: PipelineConfig, done: dict[str, Any], workspace: str, started: float
+) -> TrainReport:
+    """The report of the run that already finished with this config: nothing to train."""
+    client, _ = open_experiment(config.mlflow, workspace)
+    run_dir = join(workspace, "checkpoints", done["run_id"])
+    return TrainReport(
+        run_id=done["run_id"],
+        experiment=config.mlflow.experiment,
+        status="FINISHED",
+        step=done["step"],
+        resumed_from=None,
+        checkpoints=run_dir,
+        latest_checkpoint=join(run_dir, step_name(done["step"])),
+        tracking_uri=tracking_uri(config.mlflow, workspace),
+        seconds=round(time.time() - started, 1),
+        metrics=_loss_metrics(client, done["run_id"]),
+        skipped=True,
+        notes=["already trained with this config on these tokens: nothing to do"],
     )
 
 

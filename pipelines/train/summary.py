@@ -25,6 +25,8 @@ def render_train_report(report: TrainReport, console: Console, config: Path | st
     table.add_row("latest", report.latest_checkpoint or "none")
     table.add_row("seconds", f"{report.seconds:.1f}")
     console.print(table)
+    for note in report.notes:
+        console.print(f"note: {note}", soft_wrap=True)
     console.print(f"resume: omni train --config {config} --resume {report.run_id}", soft_wrap=True)
     if report.tracking_uri.startswith("sqlite:"):
         console.print(

@@ -201,12 +201,15 @@ def test_sigkill_then_resume_logs_the_uninterrupted_losses(
     client = MlflowClient(train_stage.stage.tracking_uri(killed.mlflow, str(workspace)))
     assert client.get_run(run_id).info.status == "RUNNING"  # SIGKILL: nobody ended it
 
-    resumed = train_stage.run(killed, resume=run_id)
-    assert resumed.resumed_from >= 4 and resumed.step == 12
+    # Started again with the same config: the interrupted run is found and resumed.
+    resumed = train_stage.run(killed)
+    assert resumed.run_id == run_id and resumed.resumed_from >= 4 and resumed.step == 12
     assert client.get_run(run_id).info.status == "FINISHED"
     got = losses(client, run_id)
     assert [s for s, _ in got] == list(range(1, 13)), "a step logged twice or missing"
     assert got == expected  # bitwise on CPU
+    again = train_stage.run(killed)  # finished with this config: nothing to do
+    assert again.skipped and again.run_id == run_id and again.step == 12
 
 
 def test_sigterm_checkpoints_and_marks_the_run_killed(
