@@ -145,6 +145,16 @@ class Storage:
             },
         }
 
+    def stream_options(self, uri: str, attempts: int = 5) -> dict[str, Any]:
+        """fsspec options for a long-lived reader of ``uri`` that does not go through this
+        class (a training data stream): botocore retries transient S3 errors itself,
+        ``attempts`` times, since no ``_retry`` wraps such a reader."""
+        options = self._options(uri)
+        if options:
+            retries = {"max_attempts": attempts, "mode": "standard"}
+            options["config_kwargs"] = {**options["config_kwargs"], "retries": retries}
+        return options
+
     def filesystem(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         """The fsspec filesystem for ``uri`` and the path inside it."""
         return url_to_fs(uri, **self._options(uri))

@@ -219,7 +219,7 @@ class Trainer:
 
     def _storage_options(self) -> dict[str, Any] | None:
         first = next((s for shards in self.plan.shards.values() for s in shards), "")
-        return self.storage._options(first) if first.startswith("s3://") else None
+        return self.storage.stream_options(first) if first.startswith("s3://") else None
 
     def _restore(self) -> SourcePosition:
         """Load the checkpoint ``plan.resume_step``: engine, rank state, RNG, loss weights."""
