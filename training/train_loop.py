@@ -334,6 +334,8 @@ class Trainer:
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
         metrics.update({f"train/loss_{t}": v for t, v in losses.items()})
+        # This rank's corrupt members, tars and over-long samples skipped so far, by reason.
+        metrics.update({f"data/skipped_{k}": float(v) for k, v in self.source.skipped().items()})
         metrics.update({f"gradnorm/weight_{t}": w for t, w in self.weighting.weights.items()})
         if isinstance(self.weighting, GradNorm):
             metrics.update({f"gradnorm/grad_norm_{t}": v for t, v in norms.items()})
