@@ -133,7 +133,7 @@ class BatchSource:
         counts: Counter[str] = Counter()
         for stream in self.streams.values():
             counts.update(stream.skipped)
-        counts.update({f"too_long:{b}": n for b, n in self.too_long.items()})
+        counts.update({f"too_long_{b}": n for b, n in self.too_long.items()})
         return counts
 
     def close(self) -> None:
