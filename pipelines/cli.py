@@ -14,9 +14,11 @@ from rich.console import Console
 from infra.config import ConfigError
 from infra.storage import StorageError
 from pipelines.config import load_pipeline_config
+from pipelines.eval_cli import eval_app, generate_command, sweep_command
 from pipelines.pretokenize import PretokenizeConfig
 from pipelines.ray_units import UnitFailed
 from pipelines.shard import ShardConfig
+from pipelines.workflow_cli import register as register_workflow_commands
 from tokenization.config import WarmupConfig
 from training.train_config import ModelSection, TrainConfig
 
@@ -69,10 +71,21 @@ def settings_help(section: str, model: type[BaseModel]) -> str:
         f"**Settings** (`{section}:` section of the config, or `--set {section}.KEY=VALUE`):",
         "",
     ]
-    for name, field in model.model_fields.items():
-        description = f": {field.description}" if field.description else ""
-        lines.append(f"* `{section}.{name}` (default {field.default!r}){description}")
+    lines += _setting_lines(section, model)
     return "\n".join(lines)
+
+
+def _setting_lines(prefix: str, model: type[BaseModel]) -> list[str]:
+    """One line per leaf setting; a nested section lists its own keys under its name."""
+    lines = []
+    for name, field in model.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            lines += _setting_lines(f"{prefix}.{name}", type(default))
+            continue
+        description = f": {field.description}" if field.description else ""
+        lines.append(f"* `{prefix}.{name}` (default {default!r}){description}")
+    return lines
 
 
 @app.command(epilog=settings_help("shard", ShardConfig))
@@ -233,6 +246,12 @@ def tokenizers_eval(
     for name, reason in result["rejected"].items():
         console.print(f"rejected {name}: {reason}")
 
+
+register_workflow_commands(app)
+
+app.add_typer(eval_app, name="eval")
+app.command("generate")(generate_command)
+app.command("sweep")(sweep_command)
 
 if __name__ == "__main__":
     sys.exit(app())
