@@ -16,8 +16,10 @@ from infra.ray_runtime import RayConfig
 from infra.storage import StorageConfig
 from infra.tracking import MlflowConfig
 from pipelines.corpus import CorpusConfig
+from pipelines.job_submission import SubmitConfig
 from pipelines.pretokenize import PretokenizeConfig
 from pipelines.shard import ShardConfig
+from pipelines.workflow import WorkflowConfig
 from tokenization.config import TokenizersConfig
 from training.train_config import ModelSection, TrainConfig
 
@@ -40,6 +42,8 @@ class PipelineConfig(Section):
     model: ModelSection = Field(default_factory=ModelSection)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: PendingSection = Field(default_factory=PendingSection)
+    workflow: WorkflowConfig = Field(default_factory=WorkflowConfig)
+    submit: SubmitConfig = Field(default_factory=SubmitConfig)
 
 
 def load_pipeline_config(path: str | Path, overrides: Iterable[str] = ()) -> PipelineConfig:

@@ -1,0 +1,238 @@
+"""``omni submit``: a stage (or the whole workflow) as a Ray Job on a remote cluster.
+
+The job carries the project in its ``runtime_env`` (``working_dir`` = this source tree
+minus build outputs and data; ``pip`` = the project's requirements at the versions
+installed here, or none when the cluster image has them; or an ``image_uri``), so a
+cluster with only Ray installed runs it. The config travels resolved, as JSON in the
+job's environment; the job runs in the submitting directory when the cluster shares
+the filesystem (relative paths then mean what they mean here), else in the shipped
+project. The ``submission_id`` is derived from workspace, stage, config and the stage's
+fingerprint, so submitting the same work twice attaches to the first job instead of
+starting a second; a failed or stopped job is followed by ``-rN`` retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+
+from infra.config import ConfigError, Section, fingerprint, validate
+from infra.storage import Storage, StorageError
+from pipelines.corpus import absolute
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobDetails, JobSubmissionClient
+
+    from pipelines.config import PipelineConfig
+
+PROJECT = Path(__file__).resolve().parents[1]
+CONFIG_ENV = "OMNI_CONFIG"  # the resolved config, JSON
+CWD_ENV = "OMNI_SUBMIT_CWD"  # the submitting directory
+DISTRIBUTION = "omni-dfm"
+# Never shipped: environments, caches, VCS, outputs. The cluster reads data from the config's URIs.
+EXCLUDES = [
+    ".venv",
+    ".git",
+    ".ci",
+    "work",
+    "mlruns",
+    "benchmarks",
+    "tests",
+    ".torch_extensions",
+    ".pytest_cache",
+    ".ruff_cache",
+    "*.egg-info",
+    "__pycache__",
+]
+CORPUS_STAGES = ("shard", "run")  # only these read the raw corpus (examples/corpus)
+ACTIVE = ("PENDING", "RUNNING", "SUCCEEDED")  # a job with one of these states is attached to
+
+
+class RuntimeEnvSection(Section):
+    """What a submitted job carries besides the project's source."""
+
+    pip: Literal["pinned"] | list[str] | None = Field(
+        "pinned",
+        description="'pinned': the project's requirements at the versions installed here; "
+        "a list of requirements; null: none (the cluster's image has them, needs no network)",
+    )
+    image_uri: str | None = Field(
+        None, description="container image of the job (the requirements in it; pip not sent)"
+    )
+    excludes: list[str] = Field(
+        default_factory=list, description="more paths of the source tree not to upload"
+    )
+    env_vars: dict[str, str] = Field(
+        default_factory=dict, description="environment of the job (never put secrets here)"
+    )
+
+
+class SubmitConfig(Section):
+    """``omni submit``: how a job is packaged and what its driver reserves."""
+
+    runtime_env: RuntimeEnvSection = Field(default_factory=RuntimeEnvSection)
+    entrypoint_num_cpus: float = Field(0, ge=0, description="CPUs reserved for the job driver")
+    entrypoint_num_gpus: float = Field(0, ge=0, description="GPUs reserved for the job driver")
+
+
+# ------------------------------------------------------------------ packaging
+
+
+def pinned_requirements() -> list[str]:
+    """The project's requirements, pinned to the versions installed here (Ray excluded:
+    the cluster's Ray is the one it runs; local version labels like ``+cpu`` dropped)."""
+    pinned = []
+    for requirement in importlib.metadata.requires(DISTRIBUTION) or []:
+        if "extra ==" in requirement:
+            continue
+        name = re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0]
+        if name.lower() == "ray":
+            continue
+        version = importlib.metadata.version(name).split("+", 1)[0]
+        pinned.append(f"{name}=={version}")
+    return pinned
+
+
+def runtime_env(config: PipelineConfig, stage: str, submission_id: str) -> dict[str, Any]:
+    """The job's ``runtime_env``: the source tree, its requirements, the config."""
+    if not (PROJECT / "configs").is_dir():
+        raise ConfigError(f"omni submit ships a source checkout; {PROJECT} has no configs/")
+    section = config.submit.runtime_env
+    excludes = EXCLUDES + section.excludes
+    if stage not in CORPUS_STAGES:
+        excludes.append("examples")
+    env: dict[str, Any] = {
+        "working_dir": str(PROJECT),
+        "excludes": excludes,
+        "env_vars": {
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            **section.env_vars,
+            CONFIG_ENV: json.dumps(config.model_dump(mode="json")),
+            CWD_ENV: os.getcwd(),
+            "OMNI_SUBMISSION_ID": submission_id,
+        },
+    }
+    if section.image_uri:
+        env["image_uri"] = section.image_uri
+    elif section.pip is not None:
+        packages = pinned_requirements() if section.pip == "pinned" else section.pip
+        env["pip"] = {"packages": packages, "pip_check": False}
+    return env
+
+
+def submission_base(config: PipelineConfig, stage: str, stage_fingerprint: str | None) -> str:
+    """``omni-<stage>-<hash>``: the same work (workspace, submitting directory, stage,
+    config, inputs) gives the same id."""
+    workspace = absolute(config.workspace)
+    dump = config.model_dump(mode="json")
+    key = fingerprint(workspace, os.getcwd(), stage, dump, stage_fingerprint)
+    return f"omni-{stage}-{key[:12]}"
+
+
+def stage_fingerprint(config: PipelineConfig, stage: str) -> str | None:
+    """The fingerprint the stage would write now, when it can be read from here."""
+    from pipelines import workflow
+    from pipelines.stage_dag import pipeline_stages
+
+    stages = pipeline_stages()
+    only = None if stage == "run" else stage
+    try:
+        plans = workflow.plan(config, stages, Storage(config.storage), only=only)
+    except (StorageError, OSError):  # a workspace this machine cannot read
+        return None
+    prints = [p.fingerprint for p in plans if p.action != "unselected"]
+    return fingerprint(prints) if any(prints) else None
+
+
+# ------------------------------------------------------------------ submit, attach, wait
+
+
+@dataclass
+class Submission:
+    """The job a ``submit`` call started or attached to."""
+
+    submission_id: str
+    attached: bool
+    status: str
+
+
+def _jobs_of(client: JobSubmissionClient, base: str) -> list[JobDetails]:
+    pattern = re.compile(rf"^{re.escape(base)}(-r\d+)?$")
+    jobs = [j for j in client.list_jobs() if j.submission_id and pattern.match(j.submission_id)]
+    return sorted(jobs, key=lambda j: j.start_time or 0)
+
+
+def submit(
+    client: JobSubmissionClient, config: PipelineConfig, stage: str, base: str
+) -> Submission:
+    """Attach to a pending, running or succeeded job of this work, or start one."""
+    jobs = _jobs_of(client, base)
+    if jobs and str(jobs[-1].status) in ACTIVE:
+        latest = jobs[-1]
+        return Submission(latest.submission_id, True, str(latest.status))
+    submission_id = f"{base}-r{len(jobs)}" if jobs else base
+    entrypoint = f"python -m pipelines.job_submission {stage}"
+    client.submit_job(
+        entrypoint=entrypoint,
+        submission_id=submission_id,
+        runtime_env=runtime_env(config, stage, submission_id),
+        metadata={"omni.stage": stage, "omni.workspace": absolute(config.workspace)},
+        entrypoint_num_cpus=config.submit.entrypoint_num_cpus or None,
+        entrypoint_num_gpus=config.submit.entrypoint_num_gpus or None,
+    )
+    return Submission(submission_id, False, "PENDING")
+
+
+def follow(
+    client: JobSubmissionClient, submission_id: str, write: Callable[[str], Any] = sys.stdout.write
+) -> None:
+    """Stream the job's logs until it ends (Ctrl-C raises KeyboardInterrupt: the job goes on)."""
+
+    async def stream() -> None:
+        async for lines in client.tail_job_logs(submission_id):
+            write(lines)
+
+    asyncio.run(stream())
+
+
+def failure_reason(client: JobSubmissionClient, submission_id: str) -> str:
+    """The one-line reason of a failed job: the last ``error:`` line its driver printed."""
+    logs = client.get_job_logs(submission_id)
+    errors = [line for line in logs.splitlines() if line.startswith("error: ")]
+    if errors:
+        return errors[-1].removeprefix("error: ").strip()
+    message = client.get_job_info(submission_id).message or "no reason given"
+    return message.strip().splitlines()[0]
+
+
+# ------------------------------------------------------------------ inside the job
+
+
+def job_main(argv: list[str]) -> int:
+    """The job's entrypoint: run ``argv[0]`` (a stage, or ``run``) with the shipped config."""
+    from pipelines.config import PipelineConfig
+    from pipelines.workflow_cli import execute
+
+    [stage] = argv
+    data = json.loads(os.environ[CONFIG_ENV])
+    data["ray"]["address"] = "auto"  # the cluster this job runs on
+    config = validate(PipelineConfig, data, source="submitted config")
+    submitted_from = os.environ.get(CWD_ENV, "")
+    if submitted_from and Path(submitted_from).is_dir():
+        os.chdir(submitted_from)
+    print(f"omni job {stage}: working in {os.getcwd()}", flush=True)
+    return execute(config, only=None if stage == "run" else stage)
+
+
+if __name__ == "__main__":
+    sys.exit(job_main(sys.argv[1:]))

@@ -1,0 +1,205 @@
+"""The pipeline's stage DAG: shard -> tokenizers -> pretokenize -> train -> eval.
+
+One :class:`~pipelines.workflow.Stage` per stage, in order: the folder of its markers,
+the fingerprint it would write now (the stage's own formula over its config section and
+its upstream ``_SUCCESS.json`` fingerprints, so the plan and the stage always agree), how
+to run it and how to describe what it produced. Stage modules are imported only when a
+stage is planned or run: they pull in torch, DeepSpeed and MLflow.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from infra.config import fingerprint, public_dict
+from infra.storage import Storage, StorageError, join
+from pipelines.corpus import absolute
+from pipelines.stage_state import SUCCESS, read_marker, read_parquet
+from pipelines.workflow import Markers, Stage
+
+if TYPE_CHECKING:
+    from pipelines.config import PipelineConfig
+
+EVAL_MODULE = "pipelines.eval_stage"
+
+
+def _shard_fingerprint(config: PipelineConfig, storage: Storage, markers: Markers) -> str | None:
+    from pipelines.corpus import expand_inputs
+    from pipelines.shard import _fingerprint
+
+    try:
+        return _fingerprint(config, expand_inputs(config.corpus, storage))
+    except (FileNotFoundError, StorageError):
+        return None
+
+
+def _tokenizers_fingerprint(
+    config: PipelineConfig, storage: Storage, markers: Markers
+) -> str | None:
+    shards = markers.get("shard")
+    return fingerprint("tokenizers", config.tokenizers, shards["fingerprint"]) if shards else None
+
+
+def _pretokenize_fingerprint(
+    config: PipelineConfig, storage: Storage, markers: Markers
+) -> str | None:
+    shards, tokenizers = markers.get("shard"), markers.get("tokenizers")
+    if not shards or not tokenizers:
+        return None
+    return fingerprint(
+        "pretokenize", config.pretokenize, shards["fingerprint"], tokenizers["fingerprint"]
+    )
+
+
+def train_sections(config: PipelineConfig) -> dict[str, Any]:
+    """What ``omni train`` fingerprints of the config (``pipelines.train.stage._sections``,
+    repeated so planning does not import DeepSpeed; a test keeps the two equal)."""
+    return {"model": public_dict(config.model), "train": public_dict(config.train)}
+
+
+def _train_fingerprint(config: PipelineConfig, storage: Storage, markers: Markers) -> str | None:
+    tokens = markers.get("pretokenize")
+    if not tokens:
+        return None
+    manifest_uri = join(absolute(config.workspace), "tokens", "manifest.parquet")
+    manifest = read_parquet(storage, manifest_uri).to_pylist()
+    data = fingerprint(tokens["fingerprint"], manifest)
+    return fingerprint("train", train_sections(config), data)
+
+
+def _run_shard(config: PipelineConfig) -> Any:
+    from pipelines import shard
+
+    return shard.run(config)
+
+
+def _run_tokenizers(config: PipelineConfig) -> Any:
+    from pipelines import tokenizers_stage
+
+    return tokenizers_stage.run(config)
+
+
+def _run_pretokenize(config: PipelineConfig) -> Any:
+    from pipelines import pretokenize
+
+    return pretokenize.run(config)
+
+
+def _run_train(config: PipelineConfig) -> Any:
+    from pipelines import train
+
+    return train.run(config)
+
+
+@dataclass
+class EvalOutcome:
+    """The sweep of the training run's checkpoints; skipped when none was new."""
+
+    run_id: str
+    sweep: Any  # pipelines.eval_stage.SweepReport
+    skipped: bool
+
+
+def _run_eval(config: PipelineConfig) -> EvalOutcome:
+    from pipelines import eval_stage
+
+    trained = read_marker(
+        Storage(config.storage), join(absolute(config.workspace), "train"), SUCCESS
+    )
+    if not trained:
+        raise FileNotFoundError("no finished training run in the workspace: run `omni train`")
+    report = eval_stage.sweep(config, run_ids=[trained["run_id"]])
+    if report.failed:
+        notes = "; ".join(report.notes)
+        raise RuntimeError(
+            f"{report.failed} checkpoint(s) failed evaluation{': ' if notes else ''}{notes}"
+        )
+    return EvalOutcome(trained["run_id"], report, skipped=not report.evaluated)
+
+
+def _eval_available() -> str | None:
+    if importlib.util.find_spec(EVAL_MODULE) is None:
+        return f"pending: {EVAL_MODULE} not available"
+    return None
+
+
+def _describe_shard(marker: dict[str, Any] | None, report: Any) -> str:
+    if not marker:
+        return ""
+    quarantined = sum(marker.get("quarantined", {}).values())
+    return (
+        f"{marker['documents_out']} documents in {marker['shards']} shards, "
+        f"{quarantined} quarantined"
+    )
+
+
+def _describe_tokenizers(marker: dict[str, Any] | None, report: Any) -> str:
+    if not marker:
+        return ""
+    steps = ", ".join(f"{k} {v}" for k, v in marker.get("steps", {}).items())
+    return f"vocabulary of {marker['vocab_size']} ids; warm-up steps: {steps or 'none'}"
+
+
+def _describe_pretokenize(marker: dict[str, Any] | None, report: Any) -> str:
+    if not marker:
+        return ""
+    buckets = marker.get("buckets", {})
+    samples = sum(b["samples"] for b in buckets.values())
+    return f"{samples} samples in {marker['tars']} tars over {len(buckets)} buckets"
+
+
+def _describe_train(marker: dict[str, Any] | None, report: Any) -> str:
+    if not marker:
+        return ""
+    return f"MLflow run {marker['run_id']}, step {marker['step']}"
+
+
+def _describe_eval(marker: dict[str, Any] | None, report: Any) -> str:
+    if not isinstance(report, EvalOutcome):
+        return ""
+    sweep = report.sweep
+    return (
+        f"run {report.run_id}: {sweep.evaluated} checkpoint(s) evaluated, "
+        f"{sweep.skipped} already evaluated"
+    )
+
+
+def _train_user_errors() -> tuple[type[BaseException], ...]:
+    from pipelines.train import TrainInputError
+
+    return (TrainInputError,)
+
+
+def pipeline_stages() -> list[Stage]:
+    """The real stages, in DAG order."""
+    return [
+        Stage("shard", (), _run_shard, "shards", _shard_fingerprint, _describe_shard),
+        Stage(
+            "tokenizers",
+            ("shard",),
+            _run_tokenizers,
+            "tokenizers",
+            _tokenizers_fingerprint,
+            _describe_tokenizers,
+        ),
+        Stage(
+            "pretokenize",
+            ("shard", "tokenizers"),
+            _run_pretokenize,
+            "tokens",
+            _pretokenize_fingerprint,
+            _describe_pretokenize,
+        ),
+        Stage(
+            "train",
+            ("pretokenize",),
+            _run_train,
+            "train",
+            _train_fingerprint,
+            _describe_train,
+            user_errors=_train_user_errors,
+        ),
+        Stage("eval", ("train",), _run_eval, describe=_describe_eval, available=_eval_available),
+    ]

@@ -1,0 +1,274 @@
+"""The ``omni run``, ``omni submit`` and ``omni status`` commands and their summaries.
+
+Thin wrappers, like every ``omni`` command: ``pipelines.workflow`` plans and runs the
+DAG of ``pipelines.stage_dag``, ``pipelines.job_submission`` talks to Ray Jobs and
+``pipelines.status`` reads the workspace; this module parses options, prints, and turns
+outcomes into exit codes (0 done, 1 a stage failed, 2 a config error).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from infra.config import ConfigError, redact_uri
+from infra.storage import Storage, StorageError
+from pipelines.config import load_pipeline_config
+from pipelines.stage_dag import pipeline_stages
+from pipelines.workflow import StagePlan, WorkflowReport, plan, run
+
+if TYPE_CHECKING:
+    from pipelines.config import PipelineConfig
+
+console = Console()
+errors = Console(stderr=True)
+
+STAGE_HELP = "shard, tokenizers, pretokenize, train or eval"
+ConfigOption = Annotated[
+    Path, typer.Option("--config", "-c", help="Pipeline YAML.", show_default=False)
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", "-s", help="Override one value, e.g. --set train.max_steps=10.", show_default=False
+    ),  # fmt: skip
+]
+AddressOption = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="Ray dashboard, e.g. http://HOST:8265 (or RAY_ADDRESS).",
+        envvar="RAY_ADDRESS",
+        show_default=False,
+    ),  # fmt: skip
+]
+
+
+def _fail(message: str, code: int) -> None:
+    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _load(config: Path, overrides: list[str] | None) -> PipelineConfig:
+    try:
+        return load_pipeline_config(config, overrides or [])
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+        raise
+
+
+# ------------------------------------------------------------------ omni run
+
+
+def plan_table(plans: list[StagePlan]) -> Table:
+    table = Table(title="plan", title_justify="left")
+    for column in ("stage", "action", "why"):
+        table.add_column(column)
+    for step in plans:
+        table.add_row(step.stage, step.action, step.reason)
+    return table
+
+
+def _ui_hint(config: PipelineConfig, workspace: str, run_id: str) -> str:
+    """The command (or address) that opens the MLflow UI on the training run."""
+    from infra.tracking import open_experiment, tracking_uri
+
+    client, experiment_id = open_experiment(config.mlflow, workspace)
+    path = f"#/experiments/{experiment_id}/runs/{run_id}"
+    uri = tracking_uri(config.mlflow, workspace)
+    if uri.startswith("http"):
+        return f"open {redact_uri(uri).rstrip('/')}/{path}"
+    return (
+        f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        f"   then open http://127.0.0.1:5000/{path}"
+    )
+
+
+def render_summary(report: WorkflowReport, config: PipelineConfig) -> None:
+    """One screen: each stage's result and product, the MLflow run, the evaluation."""
+    table = Table(title=f"omni run: {report.workspace} ({report.seconds:.0f} s)",
+                  title_justify="left")  # fmt: skip
+    for column in ("stage", "result", "attempts", "seconds", "produced / why"):
+        table.add_column(column)
+    for outcome in report.outcomes:
+        detail = outcome.produced or outcome.reason
+        if outcome.status == "failed":
+            kind = "transient, retries used up" if outcome.transient else "not retried"
+            detail = f"{outcome.reason} ({kind})"
+        seconds = f"{outcome.seconds:.1f}" if outcome.attempts else ""
+        table.add_row(outcome.stage, outcome.status, str(outcome.attempts or ""), seconds, detail)
+    console.print(table)
+    trained = report.markers.get("train")
+    if trained:
+        console.print(f"MLflow run: {trained['run_id']} (experiment {config.mlflow.experiment})")
+        console.print(f"MLflow UI: {_ui_hint(config, report.workspace, trained['run_id'])}",
+                      soft_wrap=True)  # fmt: skip
+    evaluated = next((o.report for o in report.outcomes if o.stage == "eval" and o.report), None)
+    if evaluated is not None:
+        console.print(evaluated.sweep.table_markdown, soft_wrap=True)
+        if evaluated.sweep.plot_path:
+            console.print(f"plot: {evaluated.sweep.plot_path}")
+
+
+def execute(config: PipelineConfig, start: str | None = None, only: str | None = None) -> int:
+    """Run the workflow, print its summary, return the exit code."""
+    try:
+        report = run(config, pipeline_stages(), start=start, only=only)
+    except ConfigError as exc:
+        errors.print(f"error: {exc}", highlight=False, soft_wrap=True)
+        return 2
+    render_summary(report, config)
+    failed = report.failed
+    if failed is None:
+        return 0
+    errors.print(f"error: {failed.stage}: {failed.reason}", highlight=False, soft_wrap=True)
+    return 2 if isinstance(failed.error, ConfigError) else 1
+
+
+def run_command(
+    config: ConfigOption,
+    set_: SetOption = None,
+    start: Annotated[
+        str | None, typer.Option("--from", help=f"Start at this stage ({STAGE_HELP}).")
+    ] = None,
+    only: Annotated[str | None, typer.Option("--only", help="Run this stage alone.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan (run or skip, and why); run nothing.")
+    ] = False,
+) -> None:
+    """Run the whole pipeline: shard -> tokenizers -> pretokenize -> train -> eval.
+
+    A stage whose `_SUCCESS.json` fingerprint matches its config and inputs is skipped; a
+    stage that runs makes every stage below it run. A stage failing on a transient error
+    (connection reset, S3 5xx, dead Ray actor or node) is retried `workflow.retries` times;
+    a config or input error is not. Ends with what each stage produced, the MLflow run and
+    the command that opens the MLflow UI on it. Exit codes: 0 done, 1 a stage failed,
+    2 invalid config.
+    """
+    pipeline = _load(config, set_)
+    if dry_run:
+        try:
+            plans = plan(pipeline, pipeline_stages(), Storage(pipeline.storage), start, only)
+        except ConfigError as exc:
+            _fail(str(exc), 2)
+        except StorageError as exc:
+            _fail(str(exc), 1)
+        console.print(plan_table(plans))
+        return
+    raise typer.Exit(execute(pipeline, start, only))
+
+
+# ------------------------------------------------------------------ omni submit
+
+
+def submit_command(
+    target: Annotated[
+        str | None, typer.Argument(help=f"{STAGE_HELP}, or run for the whole pipeline.")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Pipeline YAML.", show_default=False)
+    ] = None,
+    set_: SetOption = None,
+    address: AddressOption = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Stream the job's logs; exit with its status.")
+    ] = False,
+    stop: Annotated[
+        str | None, typer.Option("--stop", help="Stop the job with this submission id.")
+    ] = None,
+) -> None:
+    """Submit a stage (or `run`, the whole pipeline) to a Ray cluster as a Ray Job.
+
+    The job carries the project (`working_dir`) and its requirements (`submit.runtime_env`),
+    so the cluster needs only Ray. Submitting the same work again attaches to its job.
+    `--wait` streams the logs and exits with the job's status (0 succeeded, 1 failed);
+    Ctrl-C detaches and leaves the job running. `--stop ID` stops a job.
+    """
+    from ray.job_submission import JobSubmissionClient
+
+    from pipelines import job_submission as jobs
+
+    if not address:
+        _fail("--address http://HOST:8265 (or RAY_ADDRESS) is required", 2)
+    client = JobSubmissionClient(address)
+    if stop:
+        stopped = client.stop_job(stop)
+        console.print(f"{stop}: {'stopping' if stopped else 'already ended'}")
+        return
+    if target is None or config is None:
+        _fail("give a stage (or run) and --config", 2)
+    names = [stage.name for stage in pipeline_stages()]
+    if target not in [*names, "run"]:
+        _fail(f"{target}: no such stage; stages: {', '.join(names)}, or run", 2)
+    pipeline = _load(config, set_)
+    try:
+        base = jobs.submission_base(pipeline, target, jobs.stage_fingerprint(pipeline, target))
+        submission = jobs.submit(client, pipeline, target, base)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    verb = "attached to" if submission.attached else "submitted"
+    console.print(f"{verb} {submission.submission_id} ({submission.status})")
+    if not wait:
+        console.print(f"follow: ray job logs -f {submission.submission_id} --address {address}")
+        return
+    try:
+        jobs.follow(client, submission.submission_id)
+    except KeyboardInterrupt:
+        console.print(f"\ndetached; {submission.submission_id} keeps running "
+                      f"(stop it: omni submit --stop {submission.submission_id} "
+                      f"--address {address})")  # fmt: skip
+        raise typer.Exit(130) from None
+    status = str(client.get_job_status(submission.submission_id))
+    if status != "SUCCEEDED":
+        _fail(f"{submission.submission_id} {status}: "
+              f"{jobs.failure_reason(client, submission.submission_id)}", 1)  # fmt: skip
+    console.print(f"{submission.submission_id} SUCCEEDED")
+
+
+# ------------------------------------------------------------------ omni status
+
+
+def status_command(
+    config: ConfigOption,
+    set_: SetOption = None,
+    address: AddressOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """The pipeline's stages: done, running, failed or pending, with counts, durations,
+    MLflow run id, Ray job id (with `--address`) and the reason of the last failure."""
+    from pipelines.status import stage_statuses
+
+    pipeline = _load(config, set_)
+    jobs = None
+    if address:
+        from ray.job_submission import JobSubmissionClient
+
+        jobs = JobSubmissionClient(address).list_jobs()
+    try:
+        rows = stage_statuses(pipeline, pipeline_stages(), jobs)
+    except StorageError as exc:
+        _fail(str(exc), 1)
+    if as_json:
+        print(json.dumps([row.as_dict() for row in rows], indent=2))
+        return
+    table = Table(title=f"omni status: {pipeline.workspace}", title_justify="left")
+    for column in ("stage", "state", "produced", "seconds", "MLflow run", "Ray job", "reason"):
+        table.add_column(column)
+    for row in rows:
+        job = f"{row.ray_job_id} ({row.ray_job_status})" if row.ray_job_id else ""
+        seconds = f"{row.seconds:.0f}" if row.seconds is not None else ""
+        table.add_row(row.stage, row.state, row.produced, seconds, row.mlflow_run_id or "", job,
+                      row.reason)  # fmt: skip
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``run``, ``submit`` and ``status`` to the ``omni`` app."""
+    app.command("run")(run_command)
+    app.command("submit")(submit_command)
+    app.command("status")(status_command)

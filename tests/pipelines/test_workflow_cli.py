@@ -1,0 +1,62 @@
+"""``omni run --dry-run`` and ``omni status`` on the real stage DAG, without running a stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from pipelines.config import load_pipeline_config
+from pipelines.stage_dag import train_sections
+from tests.conftest import SAMPLE_CORPUS
+
+runner = CliRunner()
+
+
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "config.yaml"
+    inputs = [{"uri": str(SAMPLE_CORPUS / "docs.jsonl"), "format": "jsonl"}]
+    path.write_text(json.dumps({"workspace": str(tmp_path / "ws"), "corpus": {"inputs": inputs}}))
+    return path
+
+
+def test_dry_run_prints_each_stage_with_its_reason(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["run", "-c", str(config_file(tmp_path)), "--dry-run"], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    lines = {
+        line.split("│")[1].strip(): line
+        for line in result.output.splitlines()
+        if line.count("│") == 4
+    }
+    assert "run" in lines["shard"] and "no output yet" in lines["shard"]
+    assert "upstream shard runs first" in lines["tokenizers"]
+    assert "upstream pretokenize runs first" in lines["train"]
+    assert "pipelines.eval_stage" in lines["eval"] or "upstream train" in lines["eval"]
+    assert not (tmp_path / "ws" / "shards").exists()  # a dry run writes nothing
+
+
+def test_unknown_stage_and_bad_config_exit_2(tmp_path: Path) -> None:
+    path = config_file(tmp_path)
+    result = runner.invoke(app, ["run", "-c", str(path), "--only", "nope", "--dry-run"])
+    assert result.exit_code == 2 and "--only nope: no such stage" in result.output
+    result = runner.invoke(app, ["run", "-c", str(path), "--set", "workflow.retries=-1"])
+    assert result.exit_code == 2 and "workflow.retries" in result.output
+
+
+def test_status_of_a_fresh_workspace_is_all_pending(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["status", "-c", str(config_file(tmp_path)), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [row["stage"] for row in rows] == ["shard", "tokenizers", "pretokenize", "train", "eval"]
+    assert {row["state"] for row in rows} == {"pending"}
+
+
+def test_planned_train_fingerprint_uses_the_trainers_sections(tmp_path: Path) -> None:
+    from pipelines.train.stage import _sections
+
+    config = load_pipeline_config(config_file(tmp_path), ["train.max_steps=70"])
+    assert train_sections(config) == _sections(config)
