@@ -235,7 +235,7 @@ class MlflowServer(LocalService):
 
     name = "mlflow"
     health_path = "/health"
-    start_timeout_s = 90.0  # uvicorn is up after 8-17 s; leave room on a loaded machine
+    start_timeout_s = 240.0  # uvicorn is up after 8-17 s idle, ~70 s on a machine at load 15
 
     def command(self) -> list[str]:
         mlflow = _executable("mlflow", "install the project: pip install -e .")
