@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from evaluation.config import EvalConfig
 from infra.config import Section, load
 from infra.ray_runtime import RayConfig
 from infra.storage import StorageConfig
@@ -41,7 +42,7 @@ class PipelineConfig(Section):
     pretokenize: PretokenizeConfig = Field(default_factory=PretokenizeConfig)
     model: ModelSection = Field(default_factory=ModelSection)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: PendingSection = Field(default_factory=PendingSection)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     workflow: WorkflowConfig = Field(default_factory=WorkflowConfig)
     submit: SubmitConfig = Field(default_factory=SubmitConfig)
 
