@@ -1,0 +1,147 @@
+"""``omni submit`` against a real Ray head node (``ray start --head`` on 127.0.0.1).
+
+The head is this test's own: its own ports and temp dir, started with ``--block`` in
+its own process group and stopped by signalling that group (``ray stop`` would stop
+every Ray instance on the machine). Commands run from a directory that is not the
+repository; the job gets the project through its ``runtime_env`` (``pip: null``: the
+head's environment already has the requirements, and no network is needed).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from infra.services import LocalService, free_port
+from infra.storage import Storage
+from pipelines import workflow
+from pipelines.cli import app
+from pipelines.config import load_pipeline_config
+from pipelines.stage_dag import pipeline_stages
+from tests.builders import read_docs, write_jsonl
+from tests.conftest import SAMPLE_CORPUS
+
+pytestmark = pytest.mark.integration
+runner = CliRunner()
+
+
+class RayHead(LocalService):
+    """``ray start --head --block``; ``port`` is the dashboard's (the Jobs API)."""
+
+    name = "ray-head"
+    health_path = "/api/version"
+    start_timeout_s = 120.0
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.temp_dir = tempfile.mkdtemp(prefix="omni-ray-", dir="/tmp")  # short: socket paths
+
+    def command(self) -> list[str]:
+        ray = str(Path(sys.executable).parent / "ray")
+        return [ray, "start", "--head", "--block", "--port", str(free_port()),
+                "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+                "--dashboard-port", str(self.port), "--include-dashboard", "true",
+                "--num-cpus", "2", "--object-store-memory", str(200 * 2**20),
+                "--temp-dir", self.temp_dir, "--disable-usage-stats",
+                # Other Ray instances on this machine hold the default agent ports.
+                "--dashboard-agent-listen-port", str(free_port()),
+                "--dashboard-agent-grpc-port", str(free_port()),
+                "--runtime-env-agent-port", str(free_port()),
+                "--metrics-export-port", str(free_port()),
+                "--ray-client-server-port", str(free_port())]  # fmt: skip
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in super().env().items() if not k.startswith("RAY_ADDRESS")}
+        # As on a cluster image: `python` on the PATH is the one with Ray and the requirements.
+        path = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        return {**env, "PATH": path, "RAY_AUTH_MODE": "disabled"}
+
+
+def wait_for_job_agent(url: str, timeout_s: float = 120) -> None:
+    """The dashboard answers before the node's job agent does: submit until one is taken."""
+    from ray.job_submission import JobSubmissionClient
+
+    client, deadline = JobSubmissionClient(url), time.monotonic() + timeout_s
+    while True:
+        try:
+            client.submit_job(entrypoint="true")
+            return
+        except RuntimeError:  # "No available agent to submit job, please try again later"
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with RayHead(tmp_path_factory.mktemp("ray-head")) as head:
+        wait_for_job_agent(head.url)
+        yield head.url
+
+
+def write_config(folder: Path, corpus: Path, **sections: dict) -> Path:
+    path = folder / "pipeline.yaml"
+    data = {
+        "workspace": str(folder / "ws"),
+        "corpus": {"inputs": [{"uri": str(corpus), "format": "jsonl"}]},
+        "shard": {"target_tokens": 2000, "jsonl_split_bytes": 4096},
+        "submit": {"runtime_env": {"pip": None}},
+        **sections,
+    }
+    path.write_text(json.dumps(data))
+    return path
+
+
+def submit(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, ["submit", *args], env={"COLUMNS": "250"})
+    crashed = "" if isinstance(result.exception, SystemExit | None) else repr(result.exception)
+    return result.exit_code, result.output + crashed
+
+
+def test_submit_a_stage_attach_to_it_and_see_a_failure(
+    ray_head: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    docs = [d for d in read_docs(SAMPLE_CORPUS) if {s["type"] for s in d["segments"]} == {"text"}]
+    write_jsonl(tmp_path / "docs.jsonl", docs[:12])
+    config = write_config(tmp_path, tmp_path / "docs.jsonl")
+
+    code, output = submit("shard", "-c", str(config), "--address", ray_head, "--wait")
+    assert code == 0, output
+    [submission_id] = [w for w in output.split() if w.startswith("omni-shard-")][:1]
+    assert f"{submission_id} SUCCEEDED" in output
+    marker = json.loads((tmp_path / "ws" / "shards" / "_SUCCESS.json").read_text())
+    assert marker["documents_out"] == 12
+    # The plan computes the fingerprint the stage wrote: the next run skips it.
+    pipeline = load_pipeline_config(config)
+    plans = workflow.plan(pipeline, pipeline_stages(), Storage(), only="shard")
+    assert (plans[0].action, plans[0].fingerprint) == ("skip", marker["fingerprint"])
+    record = workflow.read_state(Storage(), str(tmp_path / "ws"), "shard")
+    assert record["state"] == "done" and record["submission_id"] == submission_id
+
+    code, output = submit("shard", "-c", str(config), "--address", ray_head, "--wait")
+    assert code == 0 and f"attached to {submission_id} (SUCCEEDED)" in output, output
+
+    status = runner.invoke(app, ["status", "-c", str(config), "--address", ray_head, "--json"])
+    rows = {row["stage"]: row for row in json.loads(status.output)}
+    assert rows["shard"]["state"] == "done" and rows["shard"]["ray_job_id"] == submission_id
+    assert rows["tokenizers"]["state"] == "pending"
+
+    missing = write_config(elsewhere, tmp_path / "no-such.jsonl")
+    code, output = submit("shard", "-c", str(missing), "--address", ray_head, "--wait")
+    assert code == 1, output
+    [reason] = [line for line in output.splitlines() if line.startswith("error:")]
+    assert "FAILED: shard: corpus.inputs[0].uri: no such file:" in reason and "no-such" in reason
+
+    code, output = submit("shard", "-c", str(config), "--set", "shard.target_tokens=-3",
+                          "--address", ray_head)  # fmt: skip
+    assert code == 2 and "shard.target_tokens" in output, output
