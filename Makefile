@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(BIN)/omni tokenizers train --config $(CONFIG)
 	$(BIN)/omni pretokenize --config $(CONFIG)
 	$(BIN)/omni train --config $(CONFIG)
+	$(BIN)/omni sweep --config $(CONFIG) --once
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -35,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/tokenize_throughput.py
 	$(BIN)/python benchmarks/pretokenize_throughput.py
 	$(BIN)/python benchmarks/generation_speed.py
+	$(BIN)/python benchmarks/eval_throughput.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -43,6 +43,7 @@ from evaluation.claims import ClaimStore, Exhausted
 from evaluation.config import SuiteConfig
 from evaluation.eval_data import load_samples
 from evaluation.report import (
+    SCORES,
     SUMMARY,
     category_scores,
     csv_table,
@@ -88,7 +89,7 @@ class SweepReport:
     experiment: str | None
     suite: str
     evaluated: int
-    skipped: int
+    skipped: int  # runs left out with a reason (not a train run, no checkpoint, layout)
     failed: int
     rows: list[dict[str, Any]]
     table_markdown: str
@@ -96,6 +97,7 @@ class SweepReport:
     report_run_id: str | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    already_done: int = 0  # checkpoints in scope with a done record before this sweep
 
 
 class Session:
@@ -350,9 +352,10 @@ def sweep(
     )
     notes: list[str] = []
     candidates, skipped = _train_runs(session, experiment, run_ids, notes)
-    pending = []
+    pending, already_done = [], 0
     for candidate in candidates:
         done = store.done_steps(candidate.run_id)
+        already_done += len(set(done) & set(candidate.steps))
         pending += [
             (step, candidate.start_time, candidate) for step in candidate.steps if step not in done
         ]
@@ -387,6 +390,7 @@ def sweep(
         table_markdown=markdown_table(rows, [m for m in SUMMARY if _any_has(rows, m)]),
         plot_path=None,
         notes=notes,
+        already_done=already_done,
     )
     _write_report(session, report, changed=bool(evaluated or failed))
     report.seconds = round(time.time() - started, 2)
@@ -424,6 +428,13 @@ def _claimed_evaluation(
                 result = _evaluate(session, candidate.run_id, step, suite, claim.attempt)
         except Exception as error:
             message = first_line(error)
+            steps = complete_steps(session.storage, run_dir(session.workspace, candidate.run_id))
+            if step not in steps:  # keep_last pruned it meanwhile: nothing left to evaluate
+                store.record_error(claim, message)
+                record = {"status": "pruned", "suite": suite, "errors": [message], "metrics": {}}
+                store.finish(candidate.run_id, step, record)
+                notes.append(f"run {candidate.run_id} {step_name(step)}: pruned by training")
+                return ""
             log.warning(
                 "evaluation of %s %s failed (attempt %d): %s",
                 candidate.run_id,
@@ -532,3 +543,92 @@ def generate_file(
     return GenerateResult(
         run_id, loaded.step, kind, target, str(path), round(time.time() - started, 2)
     )
+
+
+# ---------------------------------------------------------------------------- compare
+
+
+@dataclass
+class CompareReport:
+    """The ablation table: one row per variant (mean and spread over its seeds)."""
+
+    rows: list[dict[str, Any]]
+    table_markdown: str
+    run_id: str | None
+    notes: list[str] = field(default_factory=list)
+
+
+def _variant(params: dict[str, str], differing: list[str]) -> str:
+    return ", ".join(f"{k}={params.get(k, '-')}" for k in differing) or "all runs"
+
+
+def compare(config: PipelineConfig, run_ids: list[str],
+            suites: list[str] | None = None) -> CompareReport:  # fmt: skip
+    """``omni eval compare``: the latest finished evaluation of each run, grouped into
+    variants by the ``model.*`` / ``train.*`` params that differ between the runs (the
+    seed aside) and by suite; each column's mean +- standard deviation over the group."""
+    from mlflow.exceptions import MlflowException
+
+    session = Session(config)
+    client, notes = session.client, []
+    runs = []
+    for run_id in run_ids:
+        try:
+            runs.append(client.get_run(run_id))
+        except MlflowException:
+            raise EvalInputError(f"unknown run id {run_id!r} in {client.tracking_uri}") from None
+    keys = sorted({k for r in runs for k in r.data.params if k.split(".")[0] in ("model", "train")})
+    differing = [k for k in keys if k != "train.seed"
+                 and len({r.data.params.get(k) for r in runs}) > 1]  # fmt: skip
+    groups: dict[str, list[dict[str, float]]] = {}
+    for run in runs:
+        run_id = run.info.run_id
+        query = f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`eval.status` = 'FINISHED'"
+        latest: dict[str, Any] = {}
+        for child in client.search_runs([run.info.experiment_id], query, max_results=1000):
+            suite = child.data.tags.get("eval.suite", "default")
+            step = int(child.data.tags.get("eval.checkpoint_step", 0))
+            if suites and suite not in suites:
+                continue
+            if suite not in latest or step > latest[suite][0]:
+                latest[suite] = (step, child.data.metrics)
+        if not latest:
+            notes.append(f"run {run_id}: no finished evaluation (run omni sweep first), left out")
+            continue
+        for suite, (_, metrics) in sorted(latest.items()):
+            label = _variant(run.data.params, differing)
+            label = (
+                f"{label} [{suite}]" if (suites and len(suites) > 1) or len(latest) > 1 else label
+            )
+            groups.setdefault(label, []).append(category_scores(metrics))
+    rows = []
+    for label, scores in sorted(groups.items()):
+        row: dict[str, Any] = {"variant": label, "runs": len(scores)}
+        for column in SCORES:
+            values = [s[column] for s in scores if column in s]
+            if values:
+                mean = sum(values) / len(values)
+                spread = (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+                row[column] = (mean, spread)
+        rows.append(row)
+    table = _compare_markdown(rows)
+    report_run = client.create_run(
+        session.experiment_id if not runs else runs[0].info.experiment_id,
+        run_name=f"compare-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags={"omni.stage": "compare", "compare.runs": ",".join(run_ids)[:5000]},
+    )
+    tracker = Tracker(client, report_run.info.run_id)
+    tracker.log_bytes(table.encode(), "compare.md")
+    tracker.log_bytes(json.dumps(rows, indent=2).encode(), "compare.json")
+    client.set_terminated(report_run.info.run_id, "FINISHED")
+    return CompareReport(rows, table, report_run.info.run_id, notes)
+
+
+def _compare_markdown(rows: list[dict[str, Any]]) -> str:
+    """| variant | seeds | understanding | generation | retrieval | average | (mean +- sd)."""
+    header = ["variant", "seeds", *(c.split("/")[1] for c in SCORES)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [f"{row[c][0]:.3f} ± {row[c][1]:.3f}" if c in row else "-" for c in SCORES]
+        lines.append("| " + " | ".join([row["variant"], str(row["runs"]), *cells]) + " |")
+    return "\n".join(lines) + "\n"
