@@ -1,0 +1,90 @@
+"""``omni submit`` without a cluster: the runtime_env, the submission id, attach or resubmit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from infra.config import validate
+from pipelines import job_submission as jobs
+from pipelines.config import PipelineConfig
+
+
+def config(tmp_path: Path, **sections: Any) -> PipelineConfig:
+    data = {
+        "workspace": str(tmp_path / "ws"),
+        "corpus": {"inputs": [{"uri": str(tmp_path / "docs.jsonl"), "format": "jsonl"}]},
+        **sections,
+    }
+    return validate(PipelineConfig, data)
+
+
+def test_runtime_env_ships_the_source_tree_and_pinned_requirements(tmp_path: Path) -> None:
+    env = jobs.runtime_env(config(tmp_path), "train", "omni-train-x")
+    assert env["working_dir"] == str(jobs.PROJECT)
+    assert {".venv", ".git", "work", "tests", "examples"} <= set(env["excludes"])
+    packages = env["pip"]["packages"]
+    assert "torch==2.13.0" in packages  # the local +cpu label is dropped
+    assert not any(p.lower().startswith("ray") for p in packages)  # the cluster's Ray stays
+    shipped = json.loads(env["env_vars"][jobs.CONFIG_ENV])
+    assert shipped["workspace"] == str(tmp_path / "ws")
+    assert env["env_vars"]["OMNI_SUBMISSION_ID"] == "omni-train-x"
+    # Only the stages that read the raw corpus carry examples/.
+    assert "examples" not in jobs.runtime_env(config(tmp_path), "shard", "s")["excludes"]
+
+
+def test_runtime_env_without_pip_or_with_an_image(tmp_path: Path) -> None:
+    bare = config(tmp_path, submit={"runtime_env": {"pip": None, "env_vars": {"A": "1"}}})
+    env = jobs.runtime_env(bare, "shard", "s")
+    assert "pip" not in env and env["env_vars"]["A"] == "1"
+    image = config(tmp_path, submit={"runtime_env": {"image_uri": "reg/omni:1"}})
+    env = jobs.runtime_env(image, "shard", "s")
+    assert env["image_uri"] == "reg/omni:1" and "pip" not in env
+
+
+def test_the_submission_id_follows_the_work(tmp_path: Path) -> None:
+    base = jobs.submission_base(config(tmp_path), "shard", "abc")
+    assert base.startswith("omni-shard-") and base == jobs.submission_base(
+        config(tmp_path), "shard", "abc"
+    )
+    assert base != jobs.submission_base(config(tmp_path), "shard", "def")  # other inputs
+    assert base != jobs.submission_base(
+        config(tmp_path, shard={"target_tokens": 7}), "shard", "abc"
+    )
+
+
+class FakeClient:
+    def __init__(self, jobs_: list[tuple[str, str, int]]) -> None:
+        self.jobs = [SimpleNamespace(submission_id=i, status=s, start_time=t) for i, s, t in jobs_]
+        self.submitted: list[dict[str, Any]] = []
+
+    def list_jobs(self) -> list[SimpleNamespace]:
+        return self.jobs
+
+    def submit_job(self, **kwargs: Any) -> str:
+        self.submitted.append(kwargs)
+        return kwargs["submission_id"]
+
+
+@pytest.mark.parametrize("status", ["PENDING", "RUNNING", "SUCCEEDED"])
+def test_the_same_work_attaches_to_its_job(tmp_path: Path, status: str) -> None:
+    client = FakeClient([("omni-shard-a", "FAILED", 1), ("omni-shard-a-r1", status, 2),
+                         ("omni-shard-ab", "FAILED", 3)])  # fmt: skip
+    submission = jobs.submit(client, config(tmp_path), "shard", "omni-shard-a")
+    assert (submission.submission_id, submission.attached) == ("omni-shard-a-r1", True)
+    assert client.submitted == []
+
+
+def test_a_failed_or_stopped_job_is_followed_by_a_new_attempt(tmp_path: Path) -> None:
+    client = FakeClient([("omni-shard-a", "FAILED", 1), ("omni-shard-a-r1", "STOPPED", 2)])
+    submission = jobs.submit(client, config(tmp_path), "shard", "omni-shard-a")
+    assert (submission.submission_id, submission.attached) == ("omni-shard-a-r2", False)
+    [sent] = client.submitted
+    assert sent["entrypoint"] == "python -m pipelines.job_submission shard"
+    assert sent["metadata"]["omni.workspace"] == str(tmp_path / "ws")
+    fresh = jobs.submit(FakeClient([]), config(tmp_path), "shard", "omni-shard-b")
+    assert (fresh.submission_id, fresh.attached) == ("omni-shard-b", False)
