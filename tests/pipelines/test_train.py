@@ -91,34 +91,41 @@ def objective_for(model: OmniModel) -> Objective:
     return Objective(model, "dfm", build_path(PathConfig(), model.layout), "cross_entropy")
 
 
-def test_two_workers_train_track_and_checkpoint(
-    tokens_workspace: Path, mlflow_server: MlflowServer, tmp_path: Path
-) -> None:
-    workspace = copy_workspace(tokens_workspace, tmp_path / "ws")
-    config = config_for(
-        workspace,
-        mlflow={"tracking_uri": mlflow_server.tracking_uri, "experiment": "train-two-workers"},
-        train={"max_steps": 24, "checkpoint_every": 8},
-    )
-    report = train_stage.run(config)
-    assert report.status == "FINISHED" and report.step == 24
+@pytest.fixture(scope="module")
+def reference_run(
+    tokens_workspace: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[PipelineConfig, train_stage.TrainReport]:
+    """An uninterrupted two-worker run: 20 steps, a checkpoint every 5, the last 2 kept."""
+    workspace = copy_workspace(tokens_workspace, tmp_path_factory.mktemp("reference"))
+    config = config_for(workspace, **REFERENCE)
+    return config, train_stage.run(config)
 
-    client = MlflowClient(mlflow_server.tracking_uri)
+
+REFERENCE = {"train": {"max_steps": 20, "checkpoint_every": 5}}
+
+
+def test_two_workers_train_track_and_checkpoint(
+    reference_run: tuple[PipelineConfig, train_stage.TrainReport],
+) -> None:
+    config, report = reference_run
+    assert report.status == "FINISHED" and report.step == 20
+
+    client = MlflowClient(report.tracking_uri)
     run = client.get_run(report.run_id)
     assert run.info.status == "FINISHED"
     params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
     assert params["train.num_workers"] == "2" and params["model.size"] == "tiny"
     assert {"git.commit", "config.fingerprint", "data.fingerprint"} <= set(tags)
-    run_dir = workspace / "checkpoints" / report.run_id
-    assert tags["checkpoint.latest"] == str(run_dir / "step-0000024")
-    # keep_last=2: steps 16 and 24 remain, each with a tag; step 8 was pruned with its tag
-    assert complete_steps_local(run_dir) == [16, 24]
+    run_dir = Path(config.workspace) / "checkpoints" / report.run_id
+    assert tags["checkpoint.latest"] == str(run_dir / "step-0000020")
+    # keep_last=2: steps 15 and 20 remain, each with a tag; 5 and 10 were pruned with theirs
+    assert complete_steps_local(run_dir) == [15, 20]
     assert {k for k in tags if k.startswith("checkpoint.step-")} == {
-        "checkpoint.step-0000016",
-        "checkpoint.step-0000024",
+        "checkpoint.step-0000015",
+        "checkpoint.step-0000020",
     }
     history = losses(client, report.run_id)
-    assert [step for step, _ in history] == list(range(1, 25))
+    assert [step for step, _ in history] == list(range(1, 21))
     for key in ("train/lr", "train/grad_norm", "train/supervised_tokens_per_s",
                 "train/step_seconds", "train/data_wait_fraction", "train/loss_ce",
                 "gradnorm/weight_ce", "train/loss_ce_text"):  # fmt: skip
@@ -127,11 +134,11 @@ def test_two_workers_train_track_and_checkpoint(
     assert sum(weights) == pytest.approx(len(weights))
 
     # The consolidated weights load without DeepSpeed and beat the initial weights on held-out data.
-    trained = OmniModel.load(run_dir / "step-0000024" / MODEL_DIR)
+    trained = OmniModel.load(run_dir / "step-0000020" / MODEL_DIR)
     torch.manual_seed(0)
     initial = OmniModel(trained.config, trained.layout, {
         m: getattr(trained, f"codebook_{m}") for m in ("image", "audio")})  # fmt: skip
-    held_out = eval_samples(workspace)
+    held_out = eval_samples(Path(config.workspace))
     assert len(held_out) > 10
     before = held_out_loss(objective_for(initial), held_out)
     after = held_out_loss(objective_for(trained), held_out)
@@ -157,14 +164,13 @@ def train_workers(session_leader: int) -> list[psutil.Process]:
 
 
 def test_sigkill_then_resume_logs_the_uninterrupted_losses(
-    tokens_workspace: Path, tmp_path: Path
+    reference_run: tuple[PipelineConfig, train_stage.TrainReport],
+    tokens_workspace: Path,
+    tmp_path: Path,
 ) -> None:
-    steps = {"train": {"max_steps": 12, "checkpoint_every": 4}}
-    straight = config_for(copy_workspace(tokens_workspace, tmp_path / "straight"), **steps)
-    reference = train_stage.run(straight)
+    _, reference = reference_run
     expected = losses(MlflowClient(reference.tracking_uri), reference.run_id)
-    assert [s for s, _ in expected] == list(range(1, 13))
-
+    steps = REFERENCE
     workspace = copy_workspace(tokens_workspace, tmp_path / "killed")
     killed = config_for(workspace, ray={"num_cpus": 2}, **steps)
     config_path = tmp_path / "killed.json"
@@ -179,7 +185,7 @@ def test_sigkill_then_resume_logs_the_uninterrupted_losses(
     checkpoints = workspace / "checkpoints"
     try:
         deadline = time.monotonic() + 240
-        while not list(checkpoints.glob(f"*/step-0000004/{COMPLETE}")):
+        while not list(checkpoints.glob(f"*/step-0000005/{COMPLETE}")):
             assert driver.poll() is None, "the run ended before it could be killed"
             assert time.monotonic() < deadline, "no checkpoint within 240 s"
             time.sleep(0.05)
@@ -197,19 +203,19 @@ def test_sigkill_then_resume_logs_the_uninterrupted_losses(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)  # what is left of its local Ray
     run_id = run_dir.name
-    assert not list(run_dir.glob(f"step-0000012/{COMPLETE}"))
+    assert not list(run_dir.glob(f"step-0000020/{COMPLETE}"))
     client = MlflowClient(train_stage.stage.tracking_uri(killed.mlflow, str(workspace)))
     assert client.get_run(run_id).info.status == "RUNNING"  # SIGKILL: nobody ended it
 
     # Started again with the same config: the interrupted run is found and resumed.
     resumed = train_stage.run(killed)
-    assert resumed.run_id == run_id and resumed.resumed_from >= 4 and resumed.step == 12
+    assert resumed.run_id == run_id and resumed.resumed_from >= 5 and resumed.step == 20
     assert client.get_run(run_id).info.status == "FINISHED"
     got = losses(client, run_id)
-    assert [s for s, _ in got] == list(range(1, 13)), "a step logged twice or missing"
+    assert [s for s, _ in got] == list(range(1, 21)), "a step logged twice or missing"
     assert got == expected  # bitwise on CPU
     again = train_stage.run(killed)  # finished with this config: nothing to do
-    assert again.skipped and again.run_id == run_id and again.step == 12
+    assert again.skipped and again.run_id == run_id and again.step == 20
 
 
 def test_sigterm_checkpoints_and_marks_the_run_killed(
@@ -270,6 +276,7 @@ def test_s3_workspace_checkpoints_and_resume(
         storage={"s3": {"endpoint_url": s3_env}},
         mlflow={"tracking_uri": mlflow_server.tracking_uri, "experiment": "train-s3"},
         train={"num_workers": 1, "max_steps": 4, "checkpoint_every": 2},
+        model={"objective": "ar"},  # the AR baseline trains through the same trainer
     ).model_copy(update={"workspace": "s3://train-bucket/ws"})
     report = train_stage.run(config)
     prefix = f"ws/checkpoints/{report.run_id}"
@@ -281,6 +288,9 @@ def test_s3_workspace_checkpoints_and_resume(
         assert f"{prefix}/{step}/{MODEL_DIR}/model.safetensors" in keys
         assert f"{prefix}/{step}/rank-0.json" in keys
     tracking = MlflowClient(mlflow_server.tracking_uri)
+    logged = tracking.get_run(report.run_id).data
+    assert logged.params["workspace"] == "s3://train-bucket/ws"
+    assert logged.tags["checkpoint.latest"] == f"s3://train-bucket/{prefix}/step-0000004"
     expected = losses(tracking, report.run_id)
     # As if the run had died after step 2's checkpoint: step 4's is gone, resume from 2.
     client.delete_object(Bucket="train-bucket", Key=f"{prefix}/step-0000004/{COMPLETE}")
@@ -289,12 +299,13 @@ def test_s3_workspace_checkpoints_and_resume(
     assert losses(tracking, report.run_id) == expected
     storage = train_stage.stage.Storage(config.storage)
     assert complete_steps(storage, f"s3://train-bucket/{prefix}") == [2, 4]
+    assert tracking.get_run(report.run_id).data.tags["model.objective"] == "ar"
 
 
 def test_two_node_cluster_trains(tokens_workspace: Path, tmp_path: Path) -> None:
-    """The multi-node path: a simulated two-node Ray cluster, one worker per node."""
+    """The multi-node path: a simulated two-node Ray cluster, one worker per node, ZeRO-3."""
     workspace = copy_workspace(tokens_workspace, tmp_path / "ws")
-    config = config_for(workspace, train={"max_steps": 3, "checkpoint_every": 3})
+    config = config_for(workspace, train={"max_steps": 3, "checkpoint_every": 3, "zero_stage": 3})
     config_path = tmp_path / "config.json"
     config_path.write_text(config.model_dump_json())
     script = f"""
@@ -321,3 +332,5 @@ ray.shutdown(); cluster.shutdown()
     [line] = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     result: dict[str, Any] = json.loads(line.removeprefix("RESULT "))
     assert result == {"status": "FINISHED", "step": 3, "nodes": 2}
+    [run_dir] = list((workspace / "checkpoints").iterdir())
+    assert OmniModel.load(run_dir / "step-0000003" / MODEL_DIR).config.preset == "tiny"
