@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from evaluation.errors import EvalInputError
 from infra.storage import Storage, join
 from tokenization.bundle import Tokenizers
 from tokenization.vocab import LayoutMismatchError
@@ -26,10 +27,6 @@ from training.model import MEDIA, OmniModel
 from training.train_config import ModelSection
 
 LOGGED_SECTIONS = "config/train_sections.json"  # written by omni train
-
-
-class EvalInputError(ValueError):
-    """Input a user must fix: unknown run, no checkpoint, other vocabulary, wrong file."""
 
 
 @dataclass

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from evaluation.checkpoint import EvalInputError
+from evaluation.errors import EvalInputError
 from infra.config import ConfigError
 from infra.storage import StorageError
 
@@ -44,10 +44,7 @@ CheckpointOption = Annotated[
     int | None, typer.Option("--checkpoint", help="Checkpoint step (default: the latest).")
 ]
 
-eval_app = typer.Typer(
-    help="Evaluate a checkpoint of a training run, or compare runs (`omni eval compare`).",
-    rich_markup_mode="markdown",
-)
+eval_app = typer.Typer(rich_markup_mode="markdown")
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -102,6 +99,7 @@ def eval_command(
     logs a child run (`mlflow.parentRunId` = the training run; tags `eval.checkpoint_step`,
     `eval.suite`, `eval.status`), mirrors the headline metrics into the training run as
     `eval/<metric>` at the checkpoint's step, and prints a table.
+    `omni eval compare RUN...` prints the ablation table of several runs.
     """
     if ctx.invoked_subcommand is not None:
         return
