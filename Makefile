@@ -22,10 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/omni shard --config $(CONFIG)
-	$(BIN)/omni tokenizers train --config $(CONFIG)
-	$(BIN)/omni pretokenize --config $(CONFIG)
-	$(BIN)/omni train --config $(CONFIG)
+	$(BIN)/omni run --config $(CONFIG)
 	$(BIN)/omni sweep --config $(CONFIG) --once
 
 test: $(STAMP)

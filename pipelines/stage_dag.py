@@ -3,8 +3,10 @@
 One :class:`~pipelines.workflow.Stage` per stage, in order: the folder of its markers,
 the fingerprint it would write now (the stage's own formula over its config section and
 its upstream ``_SUCCESS.json`` fingerprints, so the plan and the stage always agree), how
-to run it and how to describe what it produced. Stage modules are imported only when a
-stage is planned or run: they pull in torch, DeepSpeed and MLflow.
+to run it and how to describe what it produced. The eval sweep writes no stage marker: its
+fingerprint (``eval`` section + the training's) lives in the workflow's record, so a
+finished sweep of an unchanged run is skipped without opening MLflow. Stage modules are
+imported only when a stage is planned or run: they pull in torch, DeepSpeed and MLflow.
 """
 
 from __future__ import annotations
@@ -67,6 +69,13 @@ def _train_fingerprint(config: PipelineConfig, storage: Storage, markers: Marker
     manifest = read_parquet(storage, manifest_uri).to_pylist()
     data = fingerprint(tokens["fingerprint"], manifest)
     return fingerprint("train", train_sections(config), data)
+
+
+def _eval_fingerprint(config: PipelineConfig, storage: Storage, markers: Markers) -> str | None:
+    trained = markers.get("train")
+    return (
+        fingerprint("eval", public_dict(config.eval), trained["fingerprint"]) if trained else None
+    )
 
 
 def _run_shard(config: PipelineConfig) -> Any:
@@ -161,8 +170,8 @@ def _describe_eval(marker: dict[str, Any] | None, report: Any) -> str:
         return ""
     sweep = report.sweep
     return (
-        f"run {report.run_id}: {sweep.evaluated} checkpoint(s) evaluated, "
-        f"{sweep.skipped} already evaluated"
+        f"run {report.run_id}: {sweep.evaluated} checkpoint(s) evaluated now, "
+        f"{len(sweep.rows)} in the table"
     )
 
 
@@ -201,5 +210,12 @@ def pipeline_stages() -> list[Stage]:
             _describe_train,
             user_errors=_train_user_errors,
         ),
-        Stage("eval", ("train",), _run_eval, describe=_describe_eval, available=_eval_available),
+        Stage(
+            "eval",
+            ("train",),
+            _run_eval,
+            fingerprint=_eval_fingerprint,
+            describe=_describe_eval,
+            available=_eval_available,
+        ),
     ]

@@ -40,10 +40,9 @@ class StageStatus:
         return asdict(self)
 
 
-def _state(step: StagePlan, stage: Stage, record: dict | None) -> tuple[str, str]:
+def _state(step: StagePlan, record: dict | None) -> tuple[str, str]:
     last = (record or {}).get("state")
-    # A stage without a marker (eval) is as done as its last attempt says.
-    if step.action == "skip" or (stage.directory is None and last == "done"):
+    if step.action == "skip":
         return "done", ""
     if last == "running":
         return "running", ""
@@ -67,7 +66,7 @@ def stage_statuses(
     for stage in stages:
         marker = markers[stage.name]
         record = read_state(storage, workspace, stage.name)
-        state, reason = _state(plans[stage.name], stage, record)
+        state, reason = _state(plans[stage.name], record)
         row = StageStatus(stage.name, state, reason=reason)
         if marker:
             row.produced = stage.describe(marker, None)

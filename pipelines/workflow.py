@@ -49,7 +49,8 @@ class Stage:
     """One node of the DAG.
 
     ``directory``: the stage's folder under the workspace (its markers live there), or
-    None for a stage without a marker (it always runs when selected). ``fingerprint``:
+    None for a stage without markers (then the workflow's record of its last successful
+    attempt, with the fingerprint, stands for ``_SUCCESS.json``). ``fingerprint``:
     the fingerprint the stage would write now, given the upstream ``_SUCCESS.json``
     payloads, or None when an input is missing. ``describe``: one line on what was
     produced, from the ``_SUCCESS.json`` payload and this run's report (either may be
@@ -235,17 +236,23 @@ def _plan_stage(
     upstream_runs = [name for name in stage.upstream if name in runs]
     if upstream_runs:
         return StagePlan(stage.name, "run", f"upstream {', '.join(upstream_runs)} runs first")
-    if stage.directory is None or stage.fingerprint is None:
+    if stage.fingerprint is None:
         return StagePlan(stage.name, "run", "always runs; it skips what it already did")
     expected = stage.fingerprint(config, storage, markers)
     if expected is None:
         return StagePlan(stage.name, "run", "its inputs are not ready (the stage will say which)")
-    done = markers[stage.name]
+    if stage.directory is None:  # no marker of its own: the workflow's record stands for one
+        record = read_state(storage, workspace, stage.name) or {}
+        done = record if record.get("state") == "done" else None
+    else:
+        done = markers[stage.name]
     if done and done.get("fingerprint") == expected:
         return StagePlan(stage.name, "skip", f"done with fingerprint {expected}", expected)
     if done:
         reason = f"config or inputs changed (done with {done.get('fingerprint')}, now {expected})"
         return StagePlan(stage.name, "run", reason, expected)
+    if stage.directory is None:
+        return StagePlan(stage.name, "run", "not run yet", expected)
     running = read_marker(storage, join(workspace, stage.directory), RUNNING)
     if running and running.get("fingerprint") == expected:
         return StagePlan(stage.name, "run", "an interrupted run resumes", expected)
@@ -307,7 +314,7 @@ def run(
             if before_first_run is not None and not entered:
                 resources.enter_context(before_first_run())
                 entered = True
-            outcomes.append(_attempt(config, stage, storage, workspace, step, sleep))
+            outcomes.append(_attempt(config, stages, stage, storage, workspace, step, sleep))
     markers = read_markers(config, stages, storage)
     for outcome in outcomes:
         if outcome.status in ("done", "skipped"):
@@ -318,6 +325,7 @@ def run(
 
 def _attempt(
     config: PipelineConfig,
+    stages: Sequence[Stage],
     stage: Stage,
     storage: Storage,
     workspace: str,
@@ -346,8 +354,12 @@ def _attempt(
             delay *= 2
             continue
         seconds = round(time.time() - started, 1)
+        # Planned before its upstream ran, the fingerprint is known only now.
+        done_with = step.fingerprint
+        if done_with is None and stage.fingerprint is not None:
+            done_with = stage.fingerprint(config, storage, read_markers(config, stages, storage))
         _record(storage, workspace, stage.name, state="done", attempt=attempt,
-                seconds=seconds, started_at=started)  # fmt: skip
+                seconds=seconds, started_at=started, fingerprint=done_with)  # fmt: skip
         # A stage may find it has nothing to do (another process finished it meanwhile).
         status = "skipped" if getattr(report, "skipped", False) is True else "done"
         return StageOutcome(stage.name, status, step.reason, attempt, seconds, report=report)

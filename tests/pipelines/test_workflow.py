@@ -228,3 +228,17 @@ def test_status_names_the_ray_job_of_a_stage(toy: ToyPipeline) -> None:
     assert (rows[0].ray_job_id, rows[0].ray_job_status) == ("omni-a-123", "SUCCEEDED")
     assert rows[1].ray_job_id is None
     assert json.dumps([r.as_dict() for r in rows])
+
+
+def test_a_stage_without_markers_is_tracked_by_the_workflow_record(toy: ToyPipeline) -> None:
+    calls: list[str] = []
+
+    def expected(config: Any, storage: Storage, markers: dict) -> str | None:
+        return fingerprint("d", markers["c"]["fingerprint"]) if markers.get("c") else None
+
+    sweep = Stage("d", ("c",), lambda config: calls.append("d"), fingerprint=expected)
+    stages = [*toy.stages, sweep]
+    assert statuses(workflow.run(toy.config, stages))["d"] == "done"
+    assert statuses(workflow.run(toy.config, stages))["d"] == "skipped" and calls == ["d"]
+    toy.config.params["c"] = 5  # upstream changes: the record no longer matches
+    assert statuses(workflow.run(toy.config, stages))["d"] == "done" and calls == ["d", "d"]
