@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from pipelines.config import PipelineConfig
 
 console = Console()
+if not console.is_terminal:  # logs and pipes: wide enough that run ids and paths stay whole
+    console = Console(width=160)
 errors = Console(stderr=True)
 
 STAGE_HELP = "shard, tokenizers, pretokenize, train or eval"
