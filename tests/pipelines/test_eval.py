@@ -1,0 +1,172 @@
+"""``omni eval`` / ``omni sweep`` / ``omni generate`` end to end: real ``mlflow server``,
+real checkpoints of two ``tiny`` runs (two checkpoints each), concurrent sweep processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+from mlflow import MlflowClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from evaluation.report import plot_sweep
+from infra.services import MlflowServer
+from pipelines import eval_stage
+from pipelines import train as train_stage
+from pipelines.cli import app
+from pipelines.config import PipelineConfig
+from tests.conftest import REPO
+from tests.pipelines.test_train import config_for, tokens_workspace  # noqa: F401 - fixture
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+EXPERIMENT = "eval-sweeps"
+QUICK = {"samples": 3, "sampler": {"steps": 4, "temperature": 0.0, "max_length": 64}}
+EVAL = {
+    "suites": {
+        "default": QUICK,
+        "concurrent": {**QUICK, "tasks": ["retrieval", "generation"]},
+        "flaky": {**QUICK, "samples": 2, "tasks": ["speed"]},
+    },
+    "sweep": {"max_attempts": 2, "lease_s": 60},
+}
+TRAIN = {"max_steps": 4, "checkpoint_every": 2, "num_workers": 1, "keep_last": 2}
+runner = CliRunner()
+
+
+@dataclass
+class Trained:
+    config: PipelineConfig
+    config_path: Path
+    run_ids: list[str]
+    client: MlflowClient
+
+
+@pytest.fixture(scope="module")
+def trained(tokens_workspace: Path, mlflow_server: MlflowServer, tmp_path_factory) -> Trained:  # noqa: F811
+    """Two finished tiny runs (seeds 0 and 1), each with complete checkpoints at steps 2, 4."""
+    mlflow = {"tracking_uri": mlflow_server.tracking_uri, "experiment": EXPERIMENT}
+    run_ids = []
+    for seed in (0, 1):
+        config = config_for(tokens_workspace, mlflow=mlflow, eval=EVAL,
+                            train={**TRAIN, "seed": seed})  # fmt: skip
+        run_ids.append(train_stage.run(config).run_id)
+    path = tmp_path_factory.mktemp("eval-config") / "config.json"
+    path.write_text(config.model_dump_json())
+    return Trained(config, path, run_ids, MlflowClient(mlflow_server.tracking_uri))
+
+
+def children(trained: Trained, suite: str) -> list:
+    experiment = trained.client.get_experiment_by_name(EXPERIMENT).experiment_id
+    query = f"tags.`eval.suite` = '{suite}' and tags.`omni.stage` = 'eval'"
+    return trained.client.search_runs([experiment], query, max_results=1000)
+
+
+def test_a_sweep_evaluates_every_checkpoint_once_in_step_order(trained: Trained) -> None:
+    report = eval_stage.sweep(trained.config, EXPERIMENT)
+    assert (report.evaluated, report.failed) == (4, 0)
+    runs = children(trained, "default")
+    assert len(runs) == 4
+    by_start = sorted(runs, key=lambda r: r.info.start_time)
+    assert [int(r.data.tags["eval.checkpoint_step"]) for r in by_start] == [2, 2, 4, 4]
+    for run in runs:
+        tags = run.data.tags
+        assert tags["mlflow.parentRunId"] in trained.run_ids
+        assert tags["eval.status"] == "FINISHED" and run.info.status == "FINISHED"
+        assert "score/average" in run.data.metrics
+    for run_id in trained.run_ids:  # mirrored into the training run at the checkpoint steps
+        history = trained.client.get_metric_history(run_id, "eval/score/average")
+        assert sorted(m.step for m in history) == [2, 4]
+    assert Image.open(report.plot_path).format == "PNG"
+    Image.open(report.plot_path).verify()
+    _, lines = plot_sweep(report.rows)
+    assert set(lines.values()) == {2}  # one line per run in every panel
+    assert "score/average" in report.table_markdown and report.report_run_id
+
+    again = eval_stage.sweep(trained.config, EXPERIMENT)
+    assert (again.evaluated, again.failed) == (0, 0) and len(children(trained, "default")) == 4
+    assert again.report_run_id is None and again.plot_path == report.plot_path
+
+
+def test_two_concurrent_sweeps_evaluate_each_checkpoint_once(trained: Trained) -> None:
+    command = [sys.executable, "-m", "pipelines.cli", "sweep", "--config",
+               str(trained.config_path), "--experiment", EXPERIMENT, "--once",
+               "--suite", "concurrent"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    sweeps = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]  # fmt: skip
+    outputs = [p.communicate(timeout=400)[0] for p in sweeps]
+    assert [p.returncode for p in sweeps] == [0, 0], outputs
+    runs = children(trained, "concurrent")
+    keys = sorted((r.data.tags["mlflow.parentRunId"], r.data.tags["eval.checkpoint_step"])
+                  for r in runs)  # fmt: skip
+    assert len(keys) == 4 and len(set(keys)) == 4, keys
+
+
+def test_a_failing_evaluation_is_retried_then_marked_failed(
+    trained: Trained, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(context: object) -> None:
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr("evaluation.tasks.speed.run", broken)
+    report = eval_stage.sweep(trained.config, run_ids=trained.run_ids[:1], suite="flaky")
+    assert (report.evaluated, report.failed) == (0, 2)
+    assert all(row["status"] == "failed" for row in report.rows)
+    assert all(row["errors"] == ["injected failure"] * 2 for row in report.rows)
+    assert any("failed after 2 attempts: injected failure" in note for note in report.notes)
+    runs = children(trained, "flaky")
+    assert len(runs) == 4  # two attempts per checkpoint, each a FAILED child run with its error
+    assert {(r.info.status, r.data.tags["eval.status"]) for r in runs} == {("FAILED", "FAILED")}
+    assert {r.data.tags["error"] for r in runs} == {"injected failure"}
+    assert eval_stage.sweep(trained.config, run_ids=trained.run_ids[:1], suite="flaky").failed == 0
+
+
+def one_line(output: str) -> str:
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+def test_omni_eval_and_generate_from_the_command_line(trained: Trained, tmp_path: Path) -> None:
+    config, run_id = str(trained.config_path), trained.run_ids[0]
+    result = runner.invoke(app, ["eval", "--config", config, "--run", run_id,
+                                 "--checkpoint", "2", "--suite", "flaky"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "speed/tokens_per_s" in result.output and "child run" in result.output
+
+    base = ["generate", "--config", config, "--run", run_id]
+    image = REPO / "examples" / "corpus" / "media" / "images" / "astronaut.jpg"
+    cases = {"text": ["--input", str(image), "--to", "text"],
+             "png": ["--input", "a red brick wall", "--to", "image"],
+             "wav": ["--input", "a dog barks twice", "--to", "audio"]}  # fmt: skip
+    for suffix, args in cases.items():
+        out = tmp_path / f"out.{suffix}"
+        result = runner.invoke(app, [*base, *args, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "out.png").size[0] > 0
+    samples, rate = soundfile.read(tmp_path / "out.wav")
+    assert rate == 16000 and len(samples) > 0 and np.isfinite(samples).all()
+    assert (tmp_path / "out.text").read_text(encoding="utf-8").endswith("\n")
+
+    not_an_image = tmp_path / "fake.png"
+    not_an_image.write_bytes(b"not an image")
+    bad = {
+        "unknown run id": ["eval", "--config", config, "--run", "0" * 32],
+        "no complete checkpoint at step 3": ["eval", "--config", config, "--run", run_id,
+                                             "--checkpoint", "3"],
+        "not a readable image": [*base, "--input", str(not_an_image), "--to", "text",
+                                 "--out", str(tmp_path / "x.txt")],
+        "cannot generate image from image": [*base, "--input", str(image), "--to",
+                                                     "image", "--out", str(tmp_path / "x.png")],
+    }  # fmt: skip
+    for message, args in bad.items():
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1 and message in one_line(result.output), result.output
