@@ -23,7 +23,6 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/omni run --config $(CONFIG)
-	$(BIN)/omni sweep --config $(CONFIG) --once
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
