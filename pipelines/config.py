@@ -25,10 +25,6 @@ from tokenization.config import TokenizersConfig
 from training.train_config import ModelSection, TrainConfig
 
 
-class PendingSection(Section):
-    """A section whose stage is not built yet: accepted only empty, so typos surface."""
-
-
 class PipelineConfig(Section):
     """A whole pipeline: where it works, what it reads, and each stage's settings."""
 

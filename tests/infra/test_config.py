@@ -89,9 +89,9 @@ def test_missing_section_and_missing_file(tmp_path: Path) -> None:
         load_pipeline_config(write(tmp_path, "- a\n- b\n"))
 
 
-def test_sections_of_later_stages_reject_keys_until_they_exist(tmp_path: Path) -> None:
-    path = write(tmp_path, "corpus: {inputs: [{uri: a, format: jsonl}]}\ntrain: {lr: 1}\n")
-    with pytest.raises(ConfigError, match="train.lr: unknown key"):
+def test_a_misspelt_stage_key_is_an_error_naming_it(tmp_path: Path) -> None:
+    path = write(tmp_path, "corpus: {inputs: [{uri: a, format: jsonl}]}\ntrain: {lrr: 1}\n")
+    with pytest.raises(ConfigError, match="train.lrr: unknown key"):
         load_pipeline_config(path)
 
 

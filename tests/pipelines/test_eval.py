@@ -23,7 +23,7 @@ from pipelines import train as train_stage
 from pipelines.cli import app
 from pipelines.config import PipelineConfig
 from tests.conftest import REPO
-from tests.pipelines.test_train import config_for, tokens_workspace  # noqa: F401 - fixture
+from tests.pipelines.train_setup import config_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -50,7 +50,7 @@ class Trained:
 
 
 @pytest.fixture(scope="module")
-def trained(tokens_workspace: Path, mlflow_server: MlflowServer, tmp_path_factory) -> Trained:  # noqa: F811
+def trained(tokens_workspace: Path, mlflow_server: MlflowServer, tmp_path_factory) -> Trained:
     """Two finished tiny runs (seeds 0 and 1), each with complete checkpoints at steps 2, 4."""
     mlflow = {"tracking_uri": mlflow_server.tracking_uri, "experiment": EXPERIMENT}
     run_ids = []

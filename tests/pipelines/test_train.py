@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,10 +18,10 @@ import torch
 from mlflow import MlflowClient
 
 from infra.services import MlflowServer, MotoServer
-from pipelines import pretokenize, shard, tokenizers_stage
 from pipelines import train as train_stage
 from pipelines.config import PipelineConfig
-from tests.conftest import REPO, pipeline_config, upload_folder
+from tests.conftest import REPO, upload_folder
+from tests.pipelines.train_setup import config_for, copy_workspace
 from tokenization.token_samples import read_token_samples
 from training.checkpointing import COMPLETE, MODEL_DIR, complete_steps
 from training.dfm import PathConfig, build_path
@@ -31,51 +30,6 @@ from training.model import OmniModel
 from training.objective import Objective
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
-
-CORPUS = REPO / "examples" / "corpus"
-QUICK_TOKENIZERS = {
-    "text": {"vocab_size": 512},
-    "warmup": {"image_steps": 2, "audio_steps": 2, "image_batch": 4, "audio_batch": 2},
-}
-TRAIN = {
-    "num_workers": 2,
-    "micro_batch_size": 2,
-    "grad_accum": 2,
-    "warmup_steps": 2,
-    "lr": 3e-3,
-    "checkpoint_every": 4,
-    "keep_last": 2,
-}
-INPUTS = [{"uri": str(CORPUS / "docs.jsonl"), "format": "jsonl"}]
-
-
-def config_for(workspace: Path, **sections: dict) -> PipelineConfig:
-    train = {**TRAIN, **sections.pop("train", {})}
-    return pipeline_config(
-        workspace,
-        INPUTS,
-        tokenizers=QUICK_TOKENIZERS,
-        pretokenize={"eval_fraction": 0.2},
-        train=train,
-        **sections,
-    )
-
-
-@pytest.fixture(scope="module")
-def tokens_workspace(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None) -> Path:
-    """A workspace whose shards, tokenizers and token shards are built from the corpus."""
-    workspace = tmp_path_factory.mktemp("train-ws")
-    config = config_for(workspace)
-    shard.run(config)
-    tokenizers_stage.run(config)
-    pretokenize.run(config)
-    return workspace
-
-
-def copy_workspace(source: Path, target: Path) -> Path:
-    for part in ("tokens", "tokenizers"):
-        shutil.copytree(source / part, target / part)
-    return target
 
 
 def losses(client: MlflowClient, run_id: str, key: str = "train/loss") -> list[tuple[int, float]]:

@@ -1,0 +1,45 @@
+"""Configs for the tests that train: the sample corpus, quick tokenizers, a small trainer."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pipelines.config import PipelineConfig
+from tests.conftest import REPO, pipeline_config
+
+CORPUS = REPO / "examples" / "corpus"
+QUICK_TOKENIZERS = {  # tokenizer quality does not matter to the trainer tests
+    "text": {"vocab_size": 512},
+    "warmup": {"image_steps": 2, "audio_steps": 2, "image_batch": 4, "audio_batch": 2},
+}
+TRAIN = {
+    "num_workers": 2,
+    "micro_batch_size": 2,
+    "grad_accum": 2,
+    "warmup_steps": 2,
+    "lr": 3e-3,
+    "checkpoint_every": 4,
+    "keep_last": 2,
+}
+INPUTS = [{"uri": str(CORPUS / "docs.jsonl"), "format": "jsonl"}]
+
+
+def config_for(workspace: Path, **sections: dict) -> PipelineConfig:
+    """A pipeline config over the sample corpus; ``train`` entries override ``TRAIN``."""
+    train = {**TRAIN, **sections.pop("train", {})}
+    return pipeline_config(
+        workspace,
+        INPUTS,
+        tokenizers=QUICK_TOKENIZERS,
+        pretokenize={"eval_fraction": 0.2},
+        train=train,
+        **sections,
+    )
+
+
+def copy_workspace(source: Path, target: Path) -> Path:
+    """A new workspace with ``source``'s tokens and tokenizers (no runs, no MLflow store)."""
+    for part in ("tokens", "tokenizers"):
+        shutil.copytree(source / part, target / part)
+    return target
