@@ -12,6 +12,11 @@ Per (suite, run, checkpoint) a folder ``<workspace>/eval/claims/<suite>/<run_id>
 * ``done.json`` (created exclusively too): status ``finished`` with the metrics and the
   MLflow child run, or ``failed`` with every attempt's error. A done checkpoint is never
   claimed again, so ``omni sweep --once`` from cron is idempotent.
+* The done record is the fence. A sweep that is slow but alive can see its lease run out
+  (a stalled heartbeat, a paused VM) and attempt K + 1 taken over while it still
+  evaluates; both then finish, and only the first to create ``done.json`` publishes. The
+  record names the attempt that won (``attempt``, ``owner``); the other owner learns from
+  :meth:`ClaimStore.finish` that it lost and discards its result.
 
 The store only needs exclusive create, read, overwrite-own and list: the pattern of a
 lease-based lock on object storage, with no lock server.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import socket
@@ -35,6 +41,7 @@ from infra.storage import Storage, is_remote, join
 from training.checkpointing import step_name
 
 DONE = "done.json"
+log = logging.getLogger(__name__)
 ATTEMPT = re.compile(r"attempt-(\d+)\.json$")
 
 
@@ -169,12 +176,17 @@ class ClaimStore:
 
     @contextlib.contextmanager
     def heartbeat(self, claim: Claim) -> Iterator[None]:
-        """Renew the claim's lease every third of it while the body runs."""
+        """Renew the claim's lease every third of it while the body runs. A renewal that
+        fails (storage briefly away) is logged and tried again at the next beat: should
+        the lease lapse meanwhile, the done record still keeps the result single."""
         stop = threading.Event()
 
         def renew() -> None:
             while not stop.wait(self.lease_s / 3):
-                self._rewrite(claim, lease_until=time.time() + self.lease_s)
+                try:
+                    self._rewrite(claim, lease_until=time.time() + self.lease_s)
+                except Exception as error:  # a failed beat must not end the thread
+                    log.warning("lease renewal of %s failed: %s", claim.uri, error)
 
         thread = threading.Thread(target=renew, name=f"lease-{claim.run_id}", daemon=True)
         thread.start()
@@ -188,9 +200,15 @@ class ClaimStore:
         """The attempt failed: its error is kept, and the next attempt may be taken."""
         self._rewrite(claim, status="error", error=error, finished_at=time.time())
 
-    def finish(self, run_id: str, step: int, record: dict[str, Any]) -> bool:
-        """Publish the checkpoint's ``done.json``; False if another sweep already did."""
+    def finish(
+        self, run_id: str, step: int, record: dict[str, Any], claim: Claim | None = None
+    ) -> bool:
+        """Publish the checkpoint's ``done.json``; False if another attempt already did, in
+        which case the caller's result is not the checkpoint's and must be discarded.
+        ``claim`` (the attempt that produced ``record``) is named in the record."""
         payload = {"run_id": run_id, "step": step, "finished_at": time.time(), **record}
+        if claim is not None:
+            payload.update(attempt=claim.attempt, owner=self.owner)
         uri = join(self.folder(run_id, step), DONE)
         return create_exclusive(self.storage, uri, json.dumps(payload, default=str).encode())
 

@@ -53,6 +53,54 @@ def test_the_heartbeat_keeps_a_slow_claim(tmp_path: Path) -> None:
         assert store(tmp_path).claim("run", 2) is None
 
 
+def lease_lapses_then_both_finish(
+    workspace: str, storage: Storage | None, slow_first: bool
+) -> None:
+    """A slow but live owner's lease lapses, a second sweep takes over; both finish. The
+    first ``done.json`` wins, the other owner is told it lost, the record names the winner."""
+    slow = store(workspace, lease_s=0.05, storage=storage)
+    taker = store(workspace, storage=storage)
+    stale = slow.claim("run", 2)
+    time.sleep(0.1)
+    taken = taker.claim("run", 2)
+    assert isinstance(taken, Claim) and taken.attempt == 2
+    first, second = (
+        ((slow, stale), (taker, taken)) if slow_first else ((taker, taken), (slow, stale))
+    )
+    assert first[0].finish("run", 2, {"status": "finished", "metrics": {"m": 1.0}}, first[1])
+    assert not second[0].finish("run", 2, {"status": "finished", "metrics": {"m": 2.0}}, second[1])
+    record = taker.done("run", 2)
+    assert (record["attempt"], record["owner"]) == (first[1].attempt, first[0].owner)
+    assert record["metrics"] == {"m": 1.0}
+
+
+@pytest.mark.parametrize("slow_first", [True, False])
+def test_a_lapsed_but_live_owner_and_its_successor_publish_once(
+    tmp_path: Path, slow_first: bool
+) -> None:
+    lease_lapses_then_both_finish(str(tmp_path), None, slow_first)
+
+
+def test_a_failing_renewal_does_not_stop_the_heartbeat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner = store(tmp_path, lease_s=0.15)
+    claim = owner.claim("run", 2)
+    real, calls = ClaimStore._rewrite, []
+
+    def flaky(self: ClaimStore, claim: Claim, **changes: object) -> None:
+        calls.append(changes)
+        if len(calls) == 1:
+            raise OSError("storage away")
+        real(self, claim, **changes)
+
+    monkeypatch.setattr(ClaimStore, "_rewrite", flaky)
+    with owner.heartbeat(claim):
+        time.sleep(0.4)
+        assert store(tmp_path).claim("run", 2) is None  # later beats renewed it
+    assert len(calls) >= 2
+
+
 def test_errors_are_retried_then_exhausted_with_every_error(tmp_path: Path) -> None:
     owner = store(tmp_path, attempts=2)
     for attempt in (1, 2):
@@ -94,3 +142,4 @@ def test_s3_claims_are_conditional_puts(moto_server: MotoServer, s3_env: str) ->
     assert first.claim("run", 2).attempt == 1 and second.claim("run", 2) is None
     assert first.finish("run", 2, {"status": "finished", "metrics": {}})
     assert list(second.done_steps("run")) == [2] and second.claim("run", 2) is None
+    lease_lapses_then_both_finish("s3://eval-claims/lapsed", storage, slow_first=True)
