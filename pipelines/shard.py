@@ -323,7 +323,8 @@ def _crash_isolation(
     return isolate
 
 
-def _fingerprint(config: PipelineConfig, files: list[InputFile]) -> str:
+def expected_fingerprint(config: PipelineConfig, files: list[InputFile]) -> str:
+    """The fingerprint sharding ``files`` with ``config`` writes (``omni run`` plans with it)."""
     identity = [(f.namespace, f.format, f.size, f.version) for f in files]
     return fingerprint(STAGE, config.corpus, config.shard, identity)
 
@@ -405,7 +406,7 @@ def run(config: PipelineConfig) -> ShardReport:
     storage = Storage(config.storage)
     stage_dir = join(absolute(config.workspace), "shards")
     files = expand_inputs(config.corpus, storage)
-    stage_fingerprint = _fingerprint(config, files)
+    stage_fingerprint = expected_fingerprint(config, files)
     start = begin_stage(storage, stage_dir, stage_fingerprint)
     if start.done:
         return _report_from_success(stage_dir, start.done, time.time() - started)

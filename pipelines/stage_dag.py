@@ -1,9 +1,10 @@
 """The pipeline's stage DAG: shard -> tokenizers -> pretokenize -> train -> eval.
 
 One :class:`~pipelines.workflow.Stage` per stage, in order: the folder of its markers,
-the fingerprint it would write now (the stage's own formula over its config section and
-its upstream ``_SUCCESS.json`` fingerprints, so the plan and the stage always agree), how
-to run it and how to describe what it produced. The eval sweep writes no stage marker: its
+the fingerprint it would write now (over its config section and its upstream
+``_SUCCESS.json`` fingerprints; shard and train through the ``expected_fingerprint`` the
+stage itself writes with, so the plan and the stage cannot drift), how to run it and how
+to describe what it produced. The eval sweep writes no stage marker: its
 fingerprint (``eval`` section + the training's) lives in the workflow's record, so a
 finished sweep of an unchanged run is skipped without opening MLflow. Stage modules are
 imported only when a stage is planned or run: they pull in torch, DeepSpeed and MLflow.
@@ -29,10 +30,10 @@ EVAL_MODULE = "pipelines.eval_stage"
 
 def _shard_fingerprint(config: PipelineConfig, storage: Storage, markers: Markers) -> str | None:
     from pipelines.corpus import expand_inputs
-    from pipelines.shard import _fingerprint
+    from pipelines.shard import expected_fingerprint
 
     try:
-        return _fingerprint(config, expand_inputs(config.corpus, storage))
+        return expected_fingerprint(config, expand_inputs(config.corpus, storage))
     except (FileNotFoundError, StorageError):
         return None
 
@@ -55,20 +56,15 @@ def _pretokenize_fingerprint(
     )
 
 
-def train_sections(config: PipelineConfig) -> dict[str, Any]:
-    """What ``omni train`` fingerprints of the config (``pipelines.train.stage._sections``,
-    repeated so planning does not import DeepSpeed; a test keeps the two equal)."""
-    return {"model": public_dict(config.model), "train": public_dict(config.train)}
-
-
 def _train_fingerprint(config: PipelineConfig, storage: Storage, markers: Markers) -> str | None:
+    from pipelines.train.fingerprints import data_fingerprint, expected_fingerprint
+
     tokens = markers.get("pretokenize")
     if not tokens:
         return None
     manifest_uri = join(absolute(config.workspace), "tokens", "manifest.parquet")
     manifest = read_parquet(storage, manifest_uri).to_pylist()
-    data = fingerprint(tokens["fingerprint"], manifest)
-    return fingerprint("train", train_sections(config), data)
+    return expected_fingerprint(config, data_fingerprint(tokens["fingerprint"], manifest))
 
 
 def _eval_fingerprint(config: PipelineConfig, storage: Storage, markers: Markers) -> str | None:

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from infra.config import ConfigError, fingerprint
+from infra.config import ConfigError
 from infra.storage import Storage, join
 from pipelines.corpus import absolute
 from pipelines.stage_state import SUCCESS, read_marker, read_parquet
+from pipelines.train.fingerprints import data_fingerprint
 from tokenization.bundle import Tokenizers
 
 if TYPE_CHECKING:
@@ -78,6 +79,6 @@ def gather_inputs(config: PipelineConfig, storage: Storage) -> TrainInputs:
         weights={b: float(w) for b, w in weights.items()},
         layout=asdict(layout),
         codebooks=codebooks,
-        data_fingerprint=fingerprint(done["fingerprint"], manifest),
+        data_fingerprint=data_fingerprint(done["fingerprint"], manifest),
         layout_fingerprint=layout.fingerprint(),
     )

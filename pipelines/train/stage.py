@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from infra.config import ConfigError, apply_overrides, fingerprint, public_dict
+from infra.config import ConfigError, apply_overrides, fingerprint
 from infra.ray_runtime import connect, disconnect
 from infra.storage import Storage, is_remote, join
 from infra.tracking import Tracker, open_experiment, tracking_uri
 from pipelines.corpus import absolute
 from pipelines.stage_state import RUNNING, SUCCESS, begin_stage, success_payload, write_marker
+from pipelines.train.fingerprints import expected_fingerprint, train_sections
 from pipelines.train.inputs import TrainInputError, TrainInputs, gather_inputs
 from training.checkpointing import latest_complete, step_name
 from training.model_config import load_model_config
@@ -97,7 +98,7 @@ def run(
     _check_model(config)
     inputs = gather_inputs(config, storage)
     stage_dir = join(workspace, STAGE)
-    stage_print = fingerprint(STAGE, _sections(config), inputs.data_fingerprint)
+    stage_print = expected_fingerprint(config, inputs.data_fingerprint)
     notes: list[str] = []
     if not resume:
         begun = begin_stage(storage, stage_dir, stage_print)
@@ -233,10 +234,6 @@ def _check_model(config: PipelineConfig) -> None:
         raise ConfigError("model.path.loss: the ar objective trains with cross_entropy only")
 
 
-def _sections(config: PipelineConfig) -> dict[str, Any]:
-    return {"model": public_dict(config.model), "train": public_dict(config.train)}
-
-
 def _logged_config(
     client: Any, run_id: str, config: PipelineConfig, overrides: Iterable[str]
 ) -> PipelineConfig:
@@ -272,7 +269,7 @@ def _logged_config(
 
 def _fingerprints(config: PipelineConfig, inputs: TrainInputs) -> dict[str, str]:
     return {
-        "config": fingerprint(_sections(config)),
+        "config": fingerprint(train_sections(config)),
         "data": inputs.data_fingerprint,
         "layout": inputs.layout_fingerprint,
     }
@@ -319,7 +316,7 @@ def _create_run(
     run = client.create_run(experiment_id, run_name=f"train-{config.model.size}", tags=tags)
     tracker = Tracker(client, run.info.run_id)
     tracker.log_params(config)
-    tracker.log_bytes(json.dumps(_sections(config), indent=2).encode(), *_split(LOGGED_CONFIG))
+    tracker.log_bytes(json.dumps(train_sections(config), indent=2).encode(), *_split(LOGGED_CONFIG))
     return run.info.run_id
 
 

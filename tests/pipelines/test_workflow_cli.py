@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from typer.testing import CliRunner
 
+from infra.storage import Storage
+from pipelines import workflow
 from pipelines.cli import app
 from pipelines.config import load_pipeline_config
-from pipelines.stage_dag import train_sections
+from pipelines.stage_dag import pipeline_stages
+from pipelines.train.fingerprints import data_fingerprint, expected_fingerprint
 from tests.conftest import SAMPLE_CORPUS
 
 runner = CliRunner()
@@ -55,8 +60,23 @@ def test_status_of_a_fresh_workspace_is_all_pending(tmp_path: Path) -> None:
     assert {row["state"] for row in rows} == {"pending"}
 
 
-def test_planned_train_fingerprint_uses_the_trainers_sections(tmp_path: Path) -> None:
-    from pipelines.train.stage import _sections
+def test_the_plan_expects_the_fingerprint_the_train_stage_writes(tmp_path: Path) -> None:
+    """The plan's train fingerprint is ``pipelines.train.fingerprints.expected_fingerprint``
+    (what ``omni train`` writes): a train setting changes both, an eval setting neither."""
+    path = config_file(tmp_path)
+    tokens = tmp_path / "ws" / "tokens"
+    tokens.mkdir(parents=True)
+    (tokens / "_SUCCESS.json").write_text(json.dumps({"fingerprint": "tok-1"}))
+    manifest = [{"bucket": "text", "path": "text/000000.tar", "samples": 7}]
+    pq.write_table(pa.Table.from_pylist(manifest), tokens / "manifest.parquet")
 
-    config = load_pipeline_config(config_file(tmp_path), ["train.max_steps=70"])
-    assert train_sections(config) == _sections(config)
+    def planned(*overrides: str) -> tuple[str | None, str]:
+        config = load_pipeline_config(path, list(overrides))
+        plans = workflow.plan(config, pipeline_stages(), Storage(), only="train")
+        [train] = [p for p in plans if p.stage == "train"]
+        return train.fingerprint, expected_fingerprint(config, data_fingerprint("tok-1", manifest))
+
+    base, base_written = planned()
+    changed, changed_written = planned("train.max_steps=70")
+    assert base == base_written and changed == changed_written and base != changed
+    assert planned("eval.sweep.max_attempts=5")[0] == base
