@@ -8,7 +8,9 @@ job's environment; the job runs in the submitting directory when the cluster sha
 the filesystem (relative paths then mean what they mean here), else in the shipped
 project. The ``submission_id`` is derived from workspace, stage, config and the stage's
 fingerprint, so submitting the same work twice attaches to the first job instead of
-starting a second; a failed or stopped job is followed by ``-rN`` retries.
+starting a second; a failed or stopped job is followed by ``-rN`` retries. ``omni run``
+with a remote ``ray.address`` goes the same way (:func:`jobs_address`): a driver outside
+the cluster would ship nothing to it, and would die with the laptop that runs it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ EXCLUDES = [
 ]
 CORPUS_STAGES = ("shard", "run")  # only these read the raw corpus (examples/corpus)
 ACTIVE = ("PENDING", "RUNNING", "SUCCEEDED")  # a job with one of these states is attached to
+LOCAL_ADDRESSES = ("auto", "local")  # ray.address values (besides null) that mean "run here"
+DASHBOARD_PORT = 8265  # Ray's default port of the dashboard, which serves the Jobs API
 
 
 class RuntimeEnvSection(Section):
@@ -83,6 +87,29 @@ class SubmitConfig(Section):
     runtime_env: RuntimeEnvSection = Field(default_factory=RuntimeEnvSection)
     entrypoint_num_cpus: float = Field(0, ge=0, description="CPUs reserved for the job driver")
     entrypoint_num_gpus: float = Field(0, ge=0, description="GPUs reserved for the job driver")
+
+
+# ------------------------------------------------------------------ where and what
+
+
+def jobs_address(ray_address: str | None) -> str | None:
+    """The Jobs API of the cluster ``ray.address`` names, or None when it means this machine.
+
+    ``ray://HOST:10001`` and ``HOST:6379`` give ``http://HOST:8265`` (Ray's default
+    dashboard port; ``omni run --address`` names another); an ``http(s)://`` address is
+    the Jobs API itself.
+    """
+    if not ray_address or ray_address in LOCAL_ADDRESSES:
+        return None
+    if ray_address.startswith(("http://", "https://")):
+        return ray_address
+    host = ray_address.removeprefix("ray://").rsplit(":", 1)[0]
+    return f"http://{host}:{DASHBOARD_PORT}"
+
+
+def job_label(stage: str, start: str | None = None) -> str:
+    """What the job runs, as its submission id names it: ``shard``, ``run``, ``run-from-train``."""
+    return f"{stage}-from-{start}" if start else stage
 
 
 # ------------------------------------------------------------------ packaging
@@ -139,15 +166,16 @@ def submission_base(config: PipelineConfig, stage: str, stage_fingerprint: str |
     return f"omni-{stage}-{key[:12]}"
 
 
-def stage_fingerprint(config: PipelineConfig, stage: str) -> str | None:
-    """The fingerprint the stage would write now, when it can be read from here."""
+def stage_fingerprint(config: PipelineConfig, stage: str, start: str | None = None) -> str | None:
+    """The fingerprint the stage (or ``run`` from ``start``) would write now, when it can be
+    read from here."""
     from pipelines import workflow
     from pipelines.stage_dag import pipeline_stages
 
     stages = pipeline_stages()
     only = None if stage == "run" else stage
     try:
-        plans = workflow.plan(config, stages, Storage(config.storage), only=only)
+        plans = workflow.plan(config, stages, Storage(config.storage), start=start, only=only)
     except (StorageError, OSError):  # a workspace this machine cannot read
         return None
     prints = [p.fingerprint for p in plans if p.action != "unselected"]
@@ -173,15 +201,22 @@ def _jobs_of(client: JobSubmissionClient, base: str) -> list[JobDetails]:
 
 
 def submit(
-    client: JobSubmissionClient, config: PipelineConfig, stage: str, base: str
+    client: JobSubmissionClient,
+    config: PipelineConfig,
+    stage: str,
+    base: str,
+    start: str | None = None,
 ) -> Submission:
-    """Attach to a pending, running or succeeded job of this work, or start one."""
+    """Attach to a pending, running or succeeded job of this work, or start one
+    (``stage`` ``run`` with ``start``: the workflow from that stage on)."""
     jobs = _jobs_of(client, base)
     if jobs and str(jobs[-1].status) in ACTIVE:
         latest = jobs[-1]
         return Submission(latest.submission_id, True, str(latest.status))
     submission_id = f"{base}-r{len(jobs)}" if jobs else base
     entrypoint = f"python -m pipelines.job_submission {stage}"
+    if start:
+        entrypoint += f" --from {start}"
     client.submit_job(
         entrypoint=entrypoint,
         submission_id=submission_id,
@@ -219,11 +254,14 @@ def failure_reason(client: JobSubmissionClient, submission_id: str) -> str:
 
 
 def job_main(argv: list[str]) -> int:
-    """The job's entrypoint: run ``argv[0]`` (a stage, or ``run``) with the shipped config."""
+    """The job's entrypoint: ``STAGE`` or ``run [--from STAGE]``, with the shipped config."""
     from pipelines.config import PipelineConfig
     from pipelines.workflow_cli import execute
 
-    [stage] = argv
+    stage, *rest = argv
+    start = rest[1] if rest[:1] == ["--from"] and len(rest) == 2 else None
+    if rest and start is None:
+        raise SystemExit(f"usage: STAGE | run [--from STAGE]; got {' '.join(argv)}")
     data = json.loads(os.environ[CONFIG_ENV])
     data["ray"]["address"] = "auto"  # the cluster this job runs on
     config = validate(PipelineConfig, data, source="submitted config")
@@ -231,7 +269,7 @@ def job_main(argv: list[str]) -> int:
     if submitted_from and Path(submitted_from).is_dir():
         os.chdir(submitted_from)
     print(f"omni job {stage}: working in {os.getcwd()}", flush=True)
-    return execute(config, only=None if stage == "run" else stage)
+    return execute(config, start=start, only=None if stage == "run" else stage)
 
 
 if __name__ == "__main__":

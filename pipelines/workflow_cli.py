@@ -20,7 +20,7 @@ from infra.config import ConfigError, redact_uri
 from infra.storage import Storage, StorageError
 from pipelines.config import load_pipeline_config
 from pipelines.stage_dag import pipeline_stages
-from pipelines.workflow import StagePlan, WorkflowReport, plan, run
+from pipelines.workflow import StagePlan, WorkflowReport, plan, run, select
 
 if TYPE_CHECKING:
     from pipelines.config import PipelineConfig
@@ -142,6 +142,15 @@ def run_command(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan (run or skip, and why); run nothing.")
     ] = False,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            help="Run on this cluster as one Ray Job (http://HOST:8265); the default when "
+            "ray.address names a remote cluster: port 8265 of its host.",
+            show_default=False,
+        ),  # fmt: skip
+    ] = None,
 ) -> None:
     """Run the whole pipeline: shard -> tokenizers -> pretokenize -> train -> eval.
 
@@ -151,7 +160,13 @@ def run_command(
     a config or input error is not. Ends with what each stage produced, the MLflow run and
     the command that opens the MLflow UI on it. Exit codes: 0 done, 1 a stage failed,
     2 invalid config.
+
+    With a remote `ray.address` (or `--address`) the workflow runs on the cluster as one
+    Ray Job, shipped and attached to as `omni submit run --wait` does (`--only S`: the job
+    of `omni submit S`); its logs stream here, Ctrl-C detaches.
     """
+    from pipelines import job_submission as jobs
+
     pipeline = _load(config, set_)
     if dry_run:
         try:
@@ -161,6 +176,14 @@ def run_command(
         except StorageError as exc:
             _fail(str(exc), 1)
         console.print(plan_table(plans))
+        return
+    cluster = address or jobs.jobs_address(pipeline.ray.address)
+    if cluster:
+        try:
+            select(pipeline_stages(), start, only)  # refused here, not in the job
+        except ConfigError as exc:
+            _fail(str(exc), 2)
+        _submit(cluster, pipeline, only or "run", start, wait=True)
         return
     raise typer.Exit(execute(pipeline, start, only))
 
@@ -193,13 +216,10 @@ def submit_command(
     """
     from ray.job_submission import JobSubmissionClient
 
-    from pipelines import job_submission as jobs
-
     if not address:
         _fail("--address http://HOST:8265 (or RAY_ADDRESS) is required", 2)
-    client = JobSubmissionClient(address)
     if stop:
-        stopped = client.stop_job(stop)
+        stopped = JobSubmissionClient(address).stop_job(stop)
         console.print(f"{stop}: {'stopping' if stopped else 'already ended'}")
         return
     if target is None or config is None:
@@ -207,29 +227,43 @@ def submit_command(
     names = [stage.name for stage in pipeline_stages()]
     if target not in [*names, "run"]:
         _fail(f"{target}: no such stage; stages: {', '.join(names)}, or run", 2)
-    pipeline = _load(config, set_)
+    _submit(address, _load(config, set_), target, None, wait)
+
+
+def _submit(
+    address: str, pipeline: PipelineConfig, target: str, start: str | None, wait: bool
+) -> None:
+    """Submit (or attach to) the job of ``target``; with ``wait``, follow it to its end."""
+    from ray.job_submission import JobSubmissionClient
+
+    from pipelines import job_submission as jobs
+
+    client = JobSubmissionClient(address)
     try:
-        base = jobs.submission_base(pipeline, target, jobs.stage_fingerprint(pipeline, target))
-        submission = jobs.submit(client, pipeline, target, base)
+        work = jobs.stage_fingerprint(pipeline, target, start)
+        base = jobs.submission_base(pipeline, jobs.job_label(target, start), work)
+        submission = jobs.submit(client, pipeline, target, base, start)
     except ConfigError as exc:
         _fail(str(exc), 2)
+    job = submission.submission_id
     verb = "attached to" if submission.attached else "submitted"
-    console.print(f"{verb} {submission.submission_id} ({submission.status})")
+    console.print(f"{verb} {job} ({submission.status})")
     if not wait:
-        console.print(f"follow: ray job logs -f {submission.submission_id} --address {address}")
+        console.print(f"follow: ray job logs -f {job} --address {address}")
         return
     try:
-        jobs.follow(client, submission.submission_id)
+        jobs.follow(client, job)
     except KeyboardInterrupt:
-        console.print(f"\ndetached; {submission.submission_id} keeps running "
-                      f"(stop it: omni submit --stop {submission.submission_id} "
-                      f"--address {address})")  # fmt: skip
+        console.print(f"\ndetached; {job} keeps running\n"
+                      f"re-attach: ray job logs -f {job} --address {address} "
+                      "(or run this command again)\n"
+                      f"stop it: omni submit --stop {job} --address {address}",
+                      soft_wrap=True)  # fmt: skip
         raise typer.Exit(130) from None
-    status = str(client.get_job_status(submission.submission_id))
+    status = str(client.get_job_status(job))
     if status != "SUCCEEDED":
-        _fail(f"{submission.submission_id} {status}: "
-              f"{jobs.failure_reason(client, submission.submission_id)}", 1)  # fmt: skip
-    console.print(f"{submission.submission_id} SUCCEEDED")
+        _fail(f"{job} {status}: {jobs.failure_reason(client, job)}", 1)
+    console.print(f"{job} SUCCEEDED")
 
 
 # ------------------------------------------------------------------ omni status

@@ -88,3 +88,49 @@ def test_a_failed_or_stopped_job_is_followed_by_a_new_attempt(tmp_path: Path) ->
     assert sent["metadata"]["omni.workspace"] == str(tmp_path / "ws")
     fresh = jobs.submit(FakeClient([]), config(tmp_path), "shard", "omni-shard-b")
     assert (fresh.submission_id, fresh.attached) == ("omni-shard-b", False)
+
+
+def test_a_remote_ray_address_names_its_jobs_api() -> None:
+    assert jobs.jobs_address(None) is None and jobs.jobs_address("auto") is None
+    assert jobs.jobs_address("ray://head:10001") == "http://head:8265"
+    assert jobs.jobs_address("10.0.0.5:6379") == "http://10.0.0.5:8265"
+    assert jobs.jobs_address("http://head:9000") == "http://head:9000"
+
+
+def test_the_workflow_from_a_stage_is_its_own_job(tmp_path: Path) -> None:
+    client = FakeClient([])
+    jobs.submit(client, config(tmp_path), "run", "omni-run-from-train-a", start="train")
+    [sent] = client.submitted
+    assert sent["entrypoint"] == "python -m pipelines.job_submission run --from train"
+    assert jobs.job_label("run", "train") == "run-from-train" and jobs.job_label("shard") == "shard"
+    with pytest.raises(SystemExit, match="usage"):
+        jobs.job_main(["run", "--only", "train"])
+
+
+def test_omni_run_with_a_remote_ray_address_submits_the_workflow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from pipelines import workflow_cli
+    from pipelines.cli import app
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(workflow_cli, "_submit", lambda *args, **kw: calls.append((*args, kw)))
+    monkeypatch.setattr(workflow_cli, "execute", lambda *args: calls.append(("here", *args)) or 0)
+    path = tmp_path / "pipeline.json"
+    path.write_text(json.dumps(config(tmp_path).model_dump(mode="json")))
+
+    def omni_run(*args: str) -> int:
+        return CliRunner().invoke(app, ["run", "-c", str(path), *args]).exit_code
+
+    assert omni_run("--set", "ray.address=ray://head:10001", "--from", "train") == 0
+    address, pipeline, target, start, options = calls.pop()
+    assert (address, target, start, options) == ("http://head:8265", "run", "train", {"wait": True})
+    assert pipeline.ray.address == "ray://head:10001"
+    assert omni_run("--only", "shard", "--address", "http://h:1") == 0
+    address, _, target, start, _ = calls.pop()
+    assert (address, target, start) == ("http://h:1", "shard", None)
+    assert omni_run("--set", "ray.address=ray://head:10001", "--only", "nope") == 2
+    assert omni_run("--set", "ray.address=auto") == 0 and calls.pop()[0] == "here"
+    assert calls == []
