@@ -80,3 +80,22 @@ def test_the_plan_expects_the_fingerprint_the_train_stage_writes(tmp_path: Path)
     changed, changed_written = planned("train.max_steps=70")
     assert base == base_written and changed == changed_written and base != changed
     assert planned("eval.sweep.max_attempts=5")[0] == base
+
+
+def test_the_plan_expects_the_fingerprint_the_shard_stage_writes(tmp_path: Path) -> None:
+    """``shard.expected_fingerprint`` on both sides (the submit test sees a real stage
+    write the planned value): a shard setting changes it."""
+    from pipelines import shard
+    from pipelines.corpus import expand_inputs
+
+    path = config_file(tmp_path)
+
+    def planned(*overrides: str) -> tuple[str | None, str]:
+        config = load_pipeline_config(path, list(overrides))
+        [step] = workflow.plan(config, pipeline_stages(), Storage(), only="shard")[:1]
+        files = expand_inputs(config.corpus, Storage())
+        return step.fingerprint, shard.expected_fingerprint(config, files)
+
+    base, base_written = planned()
+    changed, changed_written = planned("shard.target_tokens=3000")
+    assert base == base_written and changed == changed_written and base != changed
