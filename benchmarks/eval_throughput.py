@@ -25,6 +25,7 @@ from pathlib import Path
 from evaluation.claims import ClaimStore
 from evaluation.tasks import TASKS, TaskContext
 from infra.config import validate
+from infra.storage import Storage
 from infra.tracking import open_experiment
 from pipelines import eval_stage
 from pipelines.config import PipelineConfig, load_pipeline_config
@@ -82,7 +83,7 @@ def idle_sweep(runs: int, checkpoints: int) -> dict:
             },
         )
         client, experiment = open_experiment(config.mlflow, str(workspace))
-        store = ClaimStore(eval_stage.Storage(), str(workspace), "default", 60, 3)
+        store = ClaimStore(Storage(), str(workspace), "default", 60, 3)
         for index in range(runs):
             run_id = client.create_run(experiment, tags={"omni.stage": "train"}).info.run_id
             for step in range(10, 10 * checkpoints + 1, 10):

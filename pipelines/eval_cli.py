@@ -2,7 +2,8 @@
 wrappers over :mod:`pipelines.eval_stage`, registered in :mod:`pipelines.cli`.
 
 Exit codes: 0 done, 1 bad input (unknown run, no checkpoint, other vocabulary, wrong
-input file, storage), 2 invalid config.
+input file, storage; a checkpoint another sweep is evaluating now), 2 invalid config,
+3 evaluation failed (every attempt raised; the errors are recorded).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from evaluation.errors import EvalInputError
+from evaluation.errors import EvalInputError, EvaluationFailed
 from infra.config import ConfigError
 from infra.storage import StorageError
 
@@ -66,6 +67,8 @@ def _guarded(action: Callable[[], T]) -> T:
         _fail(str(error), 2)
     except (EvalInputError, FileNotFoundError, StorageError) as error:
         _fail(str(error), 1)
+    except EvaluationFailed as error:
+        _fail(str(error), 3)
 
 
 def metrics_table(title: str, metrics: dict[str, float], headline: list[str]) -> Table:
@@ -98,7 +101,8 @@ def eval_command(
     (retrieval, understanding, generation, speed) on the eval split of the token shards,
     logs a child run (`mlflow.parentRunId` = the training run; tags `eval.checkpoint_step`,
     `eval.suite`, `eval.status`), mirrors the headline metrics into the training run as
-    `eval/<metric>` at the checkpoint's step, and prints a table.
+    `eval/<metric>` at the checkpoint's step, and prints a table. The checkpoint is then
+    done for `omni sweep` too; one a sweep already evaluated is shown from its record.
     `omni eval compare RUN...` prints the ablation table of several runs.
     """
     if ctx.invoked_subcommand is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +17,14 @@ from mlflow import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
 
+from evaluation.claims import ClaimStore
 from evaluation.report import plot_sweep
 from infra.services import MlflowServer
 from pipelines import eval_stage
 from pipelines import train as train_stage
 from pipelines.cli import app
 from pipelines.config import PipelineConfig
+from pipelines.eval.child_run import evaluate_claimed
 from tests.conftest import REPO
 from tests.pipelines.train_setup import config_for
 
@@ -135,13 +138,37 @@ def one_line(output: str) -> str:
     return lines[0]
 
 
-def test_omni_eval_and_generate_from_the_command_line(trained: Trained, tmp_path: Path) -> None:
-    config, run_id = str(trained.config_path), trained.run_ids[0]
-    result = runner.invoke(app, ["eval", "--config", config, "--run", run_id,
-                                 "--checkpoint", "2", "--suite", "flaky"])  # fmt: skip
+def test_omni_eval_and_sweeps_evaluate_each_checkpoint_once_between_them(
+    trained: Trained,
+) -> None:
+    """``omni eval`` leaves the sweeps' done record; a slow attempt whose lease lapsed and
+    was taken over ends SUPERSEDED and mirrors nothing."""
+    run_id = trained.run_ids[1]
+    args = ["eval", "--config", str(trained.config_path), "--run", run_id,
+            "--checkpoint", "2", "--suite", "flaky"]  # fmt: skip
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "speed/tokens_per_s" in result.output and "child run" in result.output
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "already evaluated" in again.output, again.output
 
+    session = eval_stage.Session(trained.config)
+    slow = ClaimStore(session.storage, session.workspace, "flaky", lease_s=0.05, max_attempts=2)
+    stale = slow.claim(run_id, 4)
+    time.sleep(0.1)  # its lease lapses while its owner lives on
+    report = eval_stage.sweep(trained.config, run_ids=[run_id], suite="flaky")
+    assert (report.evaluated, report.already_done) == (1, 1)  # step 2 was omni eval's
+    assert not evaluate_claimed(session, slow, stale, "flaky").published
+    mine = [r for r in children(trained, "flaky") if r.data.tags["mlflow.parentRunId"] == run_id]
+    assert sorted((r.data.tags["eval.checkpoint_step"], r.data.tags["eval.status"], r.info.status)
+                  for r in mine) == [("2", "FINISHED", "FINISHED"), ("4", "FINISHED", "FINISHED"),
+                                     ("4", "SUPERSEDED", "KILLED")]  # fmt: skip
+    history = trained.client.get_metric_history(run_id, "eval/flaky/speed/tokens_per_s")
+    assert sorted(m.step for m in history) == [2, 4]
+
+
+def test_omni_generate_from_the_command_line(trained: Trained, tmp_path: Path) -> None:
+    config, run_id = str(trained.config_path), trained.run_ids[0]
     base = ["generate", "--config", config, "--run", run_id]
     image = REPO / "examples" / "corpus" / "media" / "images" / "astronaut.jpg"
     cases = {"text": ["--input", str(image), "--to", "text"],
