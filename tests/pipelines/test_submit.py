@@ -4,29 +4,39 @@ The head is this test's own: its own ports and temp dir, started with ``--block`
 its own process group and stopped by signalling that group (``ray stop`` would stop
 every Ray instance on the machine). Commands run from a directory that is not the
 repository; the job gets the project through its ``runtime_env`` (``pip: null``: the
-head's environment already has the requirements, and no network is needed).
+head's environment already has the requirements, and no network is needed). Ctrl-C and
+``--stop`` are tried on a job that sleeps in place of the stage's, so nothing is timed.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from typer.testing import CliRunner
 
 from infra.services import LocalService, free_port
 from infra.storage import Storage
+from pipelines import job_submission as jobs
 from pipelines import workflow
 from pipelines.cli import app
 from pipelines.config import load_pipeline_config
 from pipelines.stage_dag import pipeline_stages
 from tests.builders import read_docs, write_jsonl
-from tests.conftest import SAMPLE_CORPUS
+from tests.conftest import REPO, SAMPLE_CORPUS
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()
@@ -99,10 +109,14 @@ def write_config(folder: Path, corpus: Path, **sections: dict) -> Path:
     return path
 
 
-def submit(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, ["submit", *args], env={"COLUMNS": "250"})
+def omni(command: str, *args: str) -> tuple[int, str]:
+    result = runner.invoke(app, [command, *args], env={"COLUMNS": "250"})
     crashed = "" if isinstance(result.exception, SystemExit | None) else repr(result.exception)
     return result.exit_code, result.output + crashed
+
+
+def submit(*args: str) -> tuple[int, str]:
+    return omni("submit", *args)
 
 
 def test_submit_a_stage_attach_to_it_and_see_a_failure(
@@ -136,6 +150,10 @@ def test_submit_a_stage_attach_to_it_and_see_a_failure(
     assert rows["shard"]["state"] == "done" and rows["shard"]["ray_job_id"] == submission_id
     assert rows["tokenizers"]["state"] == "pending"
 
+    # omni run on a cluster is the same job as omni submit: --only shard attaches to it.
+    code, output = omni("run", "--only", "shard", "-c", str(config), "--address", ray_head)
+    assert code == 0 and f"attached to {submission_id} (SUCCEEDED)" in output, output
+
     missing = write_config(elsewhere, tmp_path / "no-such.jsonl")
     code, output = submit("shard", "-c", str(missing), "--address", ray_head, "--wait")
     assert code == 1, output
@@ -145,3 +163,59 @@ def test_submit_a_stage_attach_to_it_and_see_a_failure(
     code, output = submit("shard", "-c", str(config), "--set", "shard.target_tokens=-3",
                           "--address", ray_head)  # fmt: skip
     assert code == 2 and "shard.target_tokens" in output, output
+
+
+# The stage's job, as long as the test needs it (bounded: it ends by itself after 120 s).
+SLOW_JOB = "python -c \"import time; print('slow job started', flush=True); time.sleep(120)\""
+
+
+def wait_for_status(
+    client: JobSubmissionClient, job: str, wanted: str, timeout_s: float = 90
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (status := str(client.get_job_status(job))) != wanted:
+        assert time.monotonic() < deadline, f"{job}: {status}, not {wanted}"
+        time.sleep(0.5)
+
+
+def test_ctrl_c_detaches_from_a_job_and_stop_ends_it(
+    ray_head: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    monkeypatch.chdir(tmp_path)  # the submission id depends on the submitting directory
+    config = write_config(tmp_path, tmp_path / "docs.jsonl")
+    pipeline = load_pipeline_config(config)
+    job = jobs.submission_base(pipeline, "shard", jobs.stage_fingerprint(pipeline, "shard"))
+    client = JobSubmissionClient(ray_head)
+    # The shard stage's job, already running: `omni submit shard --wait` attaches to it.
+    client.submit_job(entrypoint=SLOW_JOB, submission_id=job)
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", "submit", "shard", "-c", str(config),
+         "--address", ray_head, "--wait"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "COLUMNS": "250"},
+    )  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(cli.stdout or []), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any("slow job started" in line for line in lines):  # its logs stream here
+            assert cli.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+        cli.send_signal(signal.SIGINT)  # Ctrl-C
+        assert cli.wait(timeout=30) == 130
+    finally:
+        cli.kill()
+    reader.join(timeout=10)
+    output = "".join(lines)
+    assert f"attached to {job} (RUNNING)" in output and f"detached; {job} keeps running" in output
+    assert f"re-attach: ray job logs -f {job} --address {ray_head}" in output, output
+    assert str(client.get_job_status(job)) == "RUNNING"  # detaching stopped nothing
+
+    code, output = submit("--stop", job, "--address", ray_head)
+    assert code == 0 and f"{job}: stopping" in output, output
+    wait_for_status(client, job, "STOPPED")
+    code, output = submit("--stop", job, "--address", ray_head)
+    assert code == 0 and f"{job}: already ended" in output, output
