@@ -16,6 +16,8 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 
@@ -51,7 +53,13 @@ class StepLog:
         self.client.set_tag(self.run_id, key, value)
 
     def delete_tag(self, key: str) -> None:
-        self.client.delete_tag(self.run_id, key)
+        """Remove ``key``; one that was never set is not an error (a run killed between a
+        checkpoint's marker and its tag prunes that checkpoint after the resume)."""
+        try:
+            self.client.delete_tag(self.run_id, key)
+        except MlflowException as error:
+            if error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                raise
 
     def close(self) -> None:
         """Flush the metrics and stop the system-metrics sampler."""

@@ -139,14 +139,25 @@ def test_sigkill_then_resume_logs_the_uninterrupted_losses(
     checkpoints = workspace / "checkpoints"
     try:
         deadline = time.monotonic() + 240
+        workers: list[psutil.Process] = []
+        while len(workers) < 2:  # found before the kill, so that finding them costs no steps
+            assert driver.poll() is None, "the run ended before its workers were seen"
+            assert time.monotonic() < deadline, "no training workers within 240 s"
+            time.sleep(0.2)
+            workers = train_workers(driver.pid)
+        assert len(workers) == 2
         while not list(checkpoints.glob(f"*/step-0000005/{COMPLETE}")):
             assert driver.poll() is None, "the run ended before it could be killed"
             assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.05)
-        workers = train_workers(driver.pid)
-        assert len(workers) == 2
+            time.sleep(0.02)
+        # Frozen first: on a fast machine the workers would otherwise train to the end in the
+        # second Ray takes to notice the driver's death, and there would be nothing to resume.
+        for worker in workers:
+            worker.suspend()
         os.kill(driver.pid, signal.SIGKILL)  # the driver alone, as the OOM killer would
         driver.wait(timeout=30)
+        for worker in workers:
+            worker.resume()
         gone, alive = psutil.wait_procs(workers, timeout=60)
         assert not alive, "training workers outlived their driver"
         [run_dir] = list(checkpoints.iterdir())
