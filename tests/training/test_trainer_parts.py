@@ -211,6 +211,31 @@ def test_gradnorm_equalises_gradient_norms_at_equal_rates() -> None:
     assert weights.weights["b"] < weights.weights["a"]
 
 
+def test_gradnorm_norms_come_from_the_heads_alone() -> None:
+    """GradNorm's per-term gradients (detached heads on the detached final hidden state, as
+    the trainer takes them) equal the full graph's at that state and reach no parameter:
+    they cost a pass over the heads, not a backward through the model."""
+    model = tiny_model()
+    obj = objective(model)
+    tokens = [BOS, 5, 6, IMAGE + 1, IMAGE + 2, IMAGE + 3, 7, EOS]
+    batch = collate([sample("a", tokens, 2), sample("b", tokens[:6], 1)], "text", PAD, None)
+    p = obj.prepare(batch, torch.Generator().manual_seed(0))
+    p.scored = p.batch.response_mask.clone()  # every response token: both terms present
+    hidden = model(p.inputs, attention_mask=batch.attention_mask,
+                   instruction_lengths=batch.instruction_lengths)  # fmt: skip
+    attached = obj.term_sums(hidden, p.inputs, p.targets, p.scored, p.t)
+    shared = hidden.detach().requires_grad_(True)
+    detached = obj.term_sums(shared, p.inputs, p.targets, p.scored, p.t, detached_heads=True)
+    assert set(detached) == set(attached) == {"ce", "rec_image"}
+    params = list(model.parameters())
+    for term, value in detached.items():
+        (mine, *to_params) = torch.autograd.grad(value, [shared, *params], retain_graph=True,
+                                                 allow_unused=True)  # fmt: skip
+        assert all(g is None for g in to_params)
+        (full,) = torch.autograd.grad(attached[term], hidden, retain_graph=True)
+        torch.testing.assert_close(mine, full)
+
+
 def test_gradnorm_state_round_trip_and_absent_terms() -> None:
     weights = GradNorm(["a", "b", "c"], {"a": 2.0, "b": 1.0, "c": 1.0}, alpha=1.0, lr=0.1)
     assert weights.weights == pytest.approx({"a": 1.5, "b": 0.75, "c": 0.75})
