@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,6 +67,10 @@ class RayHead(LocalService):
                 "--runtime-env-agent-port", str(free_port()),
                 "--metrics-export-port", str(free_port()),
                 "--ray-client-server-port", str(free_port())]  # fmt: skip
+
+    def stop(self) -> None:
+        super().stop()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)  # its sessions: sockets, logs, jobs
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in super().env().items() if not k.startswith("RAY_ADDRESS")}
