@@ -33,6 +33,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pretokenize_throughput.py
 	$(BIN)/python benchmarks/generation_speed.py
 	$(BIN)/python benchmarks/eval_throughput.py
+	$(BIN)/python benchmarks/trainer_overhead.py
+	$(BIN)/python benchmarks/modality_batching.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
