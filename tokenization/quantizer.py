@@ -7,7 +7,10 @@
 ``||sg(z) - z_q||^2`` or, by default, updated as an exponential moving average of the
 encoder outputs assigned to each code (Razavi et al. 2019, VQ-VAE-2), which is more stable.
 Codes whose EMA usage falls below a threshold are restarted from random encoder outputs
-so the codebook does not collapse.
+so the codebook does not collapse. Before training, :meth:`VectorQuantizer.initialise_from`
+can seed the codebook with k-means (Lloyd, k-means++ seeding) of encoder outputs over the
+whole training set, so training starts from the best codebook for the initial encoder
+rather than from one batch's random picks.
 
 Multi-codebook: with ``num_codebooks = K`` each vector is split into K sub-vectors of
 ``dim / K``, each quantised against its own codebook of ``codebook_size`` codes. A position
@@ -28,6 +31,120 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from infra.config import Section
+
+
+def kmeans(
+    points: torch.Tensor,
+    clusters: int,
+    iterations: int = 25,
+    generator: torch.Generator | None = None,
+    restarts: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means with k-means++ seeding (Arthur & Vassilvitskii 2007), the best of
+    ``restarts`` runs by the objective ``sum_i min_c ||x_i - c||^2``.
+
+    ``points`` (M, d) -> (centres (clusters, d), sizes (clusters,)). With fewer distinct
+    points than clusters some centres repeat; an emptied cluster is re-seeded at the point
+    farthest from its centre. A run stops early once no point changes cluster.
+    """
+    points = points.detach().float()
+    if points.shape[0] == 0:
+        raise ValueError("kmeans: no points")
+    runs = [_lloyd(points, clusters, iterations, generator) for _ in range(restarts)]
+    centres = min(runs, key=lambda c: float(_squared_distances(points, c).min(-1).values.sum()))
+    assignment = _squared_distances(points, centres).argmin(-1)
+    return centres, torch.bincount(assignment, minlength=clusters).to(points.dtype)
+
+
+def _squared_distances(points: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """(M, d), (C, d) -> (M, C) squared distances as one matrix product (faster than cdist)."""
+    cross = points @ centres.T
+    return (points.pow(2).sum(-1, keepdim=True) - 2 * cross + centres.pow(2).sum(-1)).clamp_min(0)
+
+
+def _lloyd(
+    points: torch.Tensor, clusters: int, iterations: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One k-means run: k-means++ seeds, then up to ``iterations`` Lloyd steps -> (C, d)."""
+    norms = points.pow(2).sum(-1)
+
+    def distances_to(pick: int) -> torch.Tensor:  # ||x - p||^2 as one matrix-vector product
+        return (norms - 2 * (points @ points[pick]) + norms[pick]).clamp_min(0)
+
+    picks = [int(torch.randint(0, points.shape[0], (1,), generator=generator))]
+    nearest = distances_to(picks[0])
+    for _ in range(1, clusters):
+        picks.append(int(torch.multinomial(nearest.cpu() + 1e-12, 1, generator=generator)))
+        nearest = torch.minimum(nearest, distances_to(picks[-1]))
+    centres, previous = points[picks], None
+    for _ in range(iterations):
+        distances = _squared_distances(points, centres)  # (M, clusters)
+        assignment = distances.argmin(-1)
+        if previous is not None and torch.equal(assignment, previous):
+            break
+        previous = assignment
+        one_hot = F.one_hot(assignment, clusters).to(points.dtype)  # (M, clusters)
+        sizes, sums = one_hot.sum(0), one_hot.T @ points
+        empty = sizes == 0
+        centres = torch.where(empty[:, None], centres, sums / sizes.clamp_min(1)[:, None])
+        if empty.any():
+            error = distances.gather(1, assignment[:, None]).squeeze(1)
+            centres[empty] = points[error.topk(int(empty.sum())).indices]
+    return centres
+
+
+def principal_directions(points: torch.Tensor, count: int) -> torch.Tensor:
+    """(count, d): the top principal directions of ``points`` (M, d) as orthonormal rows,
+    largest variance first, about the origin (centre the points first); rows past d are 0."""
+    points = points.detach().float()
+    _, vectors = torch.linalg.eigh(points.T @ points)  # ascending eigenvalues
+    basis = points.new_zeros(count, points.shape[1])
+    top = vectors.flip(-1).T[:count]
+    basis[: top.shape[0]] = top
+    return basis
+
+
+def ridge_regression(
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    groups: torch.Tensor,
+    penalties: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
+    power: int = 2,
+    folds: int = 5,
+) -> tuple[torch.Tensor, float]:
+    """Ridge regression ``W = argmin ||X W - Y||^2 + lambda s ||W||^2`` with the penalty
+    chosen by K-fold cross-validation over ``groups`` (so copies of one item never sit on
+    both sides), scored by the mean ``|error| ** power`` (1 or 2); ``s`` is the mean
+    diagonal of ``X^T X``, which makes ``penalties`` independent of the features' scale.
+
+    ``features`` (M, F), ``targets`` (M, P), ``groups`` (M,) ints -> (W (F, P), lambda).
+    Each fold's Gram matrix is computed once, so the search costs a few F x F solves.
+    """
+    x, y = features.detach().float(), targets.detach().float()
+    fold = torch.unique(groups, return_inverse=True)[1] % folds
+    parts = [fold == k for k in fold.unique().tolist()]
+    grams = [x[rows].T @ x[rows] for rows in parts]
+    moments = [x[rows].T @ y[rows] for rows in parts]
+    gram, moment = sum(grams), sum(moments)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+
+    def solve(g: torch.Tensor, b: torch.Tensor, penalty: float) -> torch.Tensor:
+        return torch.linalg.solve(g + penalty * g.diagonal().mean().clamp_min(1e-12) * eye, b)
+
+    def score(penalty: float) -> float:
+        if len(parts) < 2:
+            return 0.0  # a single group: nothing to validate on
+        total = 0.0
+        for rows, g, b in zip(parts, grams, moments, strict=True):
+            w = solve(gram - g, moment - b, penalty)
+            if power == 2:  # ||X_k W - Y_k||^2 = tr(W^T G_k W) - 2 tr(W^T b_k) + ||Y_k||^2
+                total += float((w * (g @ w)).sum() - 2 * (w * b).sum() + y[rows].pow(2).sum())
+            else:
+                total += float((x[rows] @ w - y[rows]).abs().pow(power).sum())
+        return total / y.numel()
+
+    best = min(penalties, key=score)
+    return solve(gram, moment, best), best
 
 
 class QuantizerConfig(Section):
@@ -124,6 +241,16 @@ class VectorQuantizer(nn.Module):
             usage=used / (k * c),
         )
 
+    @torch.no_grad()
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """Ids (B, N * K) of the nearest codes to ``z`` (B, N, dim), in any mode (no update)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self(z).ids
+        finally:
+            self.train(was_training)
+
     def ids_to_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """Flat ids (B, N*K) -> vectors (B, N, dim), concatenating each position's K parts."""
         k, c = self.config.num_codebooks, self.config.codebook_size
@@ -134,6 +261,26 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"ids out of range for {k} codebooks of {c} codes")
         parts = [self.codebook[i][codes[..., i]] for i in range(k)]  # K x (B, N, d)
         return torch.cat(parts, dim=-1)
+
+    @torch.no_grad()
+    def initialise_from(
+        self, vectors: torch.Tensor, generator: torch.Generator | None = None, restarts: int = 4
+    ) -> None:
+        """Seed every sub-codebook with k-means of ``vectors`` (M, dim), best of ``restarts``,
+        e.g. the encoder's outputs on the whole training set; the EMA statistics start from
+        the cluster sizes (scaled to a mean of 1, the unit of the dead-code threshold)."""
+        k, d = self.config.num_codebooks, self.sub_dim
+        flat = vectors.reshape(-1, k, d)
+        for i in range(k):
+            centres, sizes = kmeans(
+                flat[:, i], self.config.codebook_size, generator=generator, restarts=restarts
+            )
+            self.codebook.data[i] = centres.to(self.codebook.dtype)
+            if self.config.ema_decay > 0:
+                self.cluster_size[i] = (sizes / sizes.mean()).clamp_min(1e-3)
+                self.embed_sum[i] = self.codebook[i] * self.cluster_size[i].unsqueeze(-1)
+        self._broadcast()
+        self.initialised.fill_(True)
 
     @torch.no_grad()
     def _initialise(self, flat: torch.Tensor) -> None:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from tokenization.quantizer import QuantizerConfig, VectorQuantizer
+from tokenization.quantizer import (
+    QuantizerConfig,
+    VectorQuantizer,
+    kmeans,
+    principal_directions,
+    ridge_regression,
+)
 
 
 def clustered(points_per_cluster: int, centres: torch.Tensor, noise: float) -> torch.Tensor:
@@ -74,3 +80,47 @@ def test_learnable_codebook_gets_gradients() -> None:
     out = vq(torch.randn(1, 16, 2))
     out.loss.backward()
     assert vq.codebook.grad is not None and vq.codebook.grad.abs().sum() > 0
+
+
+def test_kmeans_puts_one_centre_on_each_cluster_and_counts_them() -> None:
+    torch.manual_seed(0)
+    centres = torch.eye(5) * 10
+    points = clustered(30, centres, 0.1)
+    found, sizes = kmeans(points, 5, generator=torch.Generator().manual_seed(0), restarts=2)
+    assert torch.cdist(found, centres).min(0).values.max() < 0.2  # every cluster has a centre
+    assert sorted(sizes.tolist()) == [30.0] * 5
+
+
+def test_kmeans_with_more_clusters_than_points_repeats_points() -> None:
+    points = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    found, sizes = kmeans(points, 4)
+    assert torch.cdist(found, points).min(-1).values.max() == 0 and sizes.sum() == 2
+
+
+def test_principal_directions_are_orthonormal_and_span_the_data() -> None:
+    torch.manual_seed(0)
+    plane = torch.randn(200, 2) @ torch.tensor([[3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    basis = principal_directions(plane, 3)
+    assert torch.allclose(basis[:2] @ basis[:2].T, torch.eye(2), atol=1e-5)
+    assert basis[0, 0].abs() > 0.99  # the direction of largest variance first
+    assert torch.allclose(plane @ basis[:2].T @ basis[:2], plane, atol=1e-4)
+
+
+def test_ridge_regression_recovers_a_linear_map_and_picks_a_small_penalty() -> None:
+    torch.manual_seed(0)
+    x, w = torch.randn(400, 6), torch.randn(6, 3)
+    y = x @ w + 0.01 * torch.randn(400, 3)
+    for power in (1, 2):
+        fitted, penalty = ridge_regression(x, y, torch.arange(400) % 20, power=power)
+        assert torch.allclose(fitted, w, atol=0.02) and penalty <= 3e-3
+
+
+def test_initialise_from_seeds_the_codebook_with_kmeans_and_quantises_exactly() -> None:
+    torch.manual_seed(0)
+    centres = torch.randn(8, 4) * 5
+    vq = VectorQuantizer(QuantizerConfig(codebook_size=8, dim=4, ema_decay=0.9))
+    vq.initialise_from(clustered(20, centres, 0.0), torch.Generator().manual_seed(0))
+    vq.train()  # an initialised quantiser no longer seeds itself from its first batch
+    out = vq(centres.unsqueeze(0))
+    assert torch.allclose(out.quantized, centres.unsqueeze(0), atol=1e-4)
+    assert len(set(out.ids.flatten().tolist())) == 8
