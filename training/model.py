@@ -310,6 +310,7 @@ class OmniModel(nn.Module):
         cache: ResponseCache | None = None,
         refresh_ratio: float | None = None,
         refresh_threshold: float | None = None,
+        positions: Tensor | None = None,
     ) -> tuple[Tensor, ResponseCache]:
         """Long[B, R] response canvas -> (Float[B, R, H] hidden, the updated ResponseCache).
 
@@ -321,8 +322,17 @@ class OmniModel(nn.Module):
         the ``refresh_ratio`` fraction, or all below ``refresh_threshold``; at least one per
         row) and takes the cached layer output for the rest. Rows recompute the same count
         (the largest over the batch), so the work stays batched gathers.
+
+        ``positions`` (Long[B, n], sorted per row; needs ``cache``): every layer recomputes
+        exactly these positions of each row (their embeddings on up, nothing of the other
+        positions, no value vectors of all) and keeps the cached keys/values and outputs
+        elsewhere (Fast-dLLM's dual cache). The cache is then updated in place and returned.
         """
         batch, length = response.shape
+        if positions is not None:
+            if cache is None:
+                raise ValueError("positions need a cache to take the other positions from")
+            return self._forward_positions(response, instruction, cache, positions)
         if cache is not None:
             cached = cache.outputs[0].shape[:2]
             if tuple(cached) != (batch, length):
@@ -358,6 +368,35 @@ class OmniModel(nn.Module):
             values.append(v)
             outputs.append(x)
         return self.backbone.norm(x), ResponseCache(keys, values, outputs, recomputed)
+
+    def _forward_positions(
+        self, response: Tensor, instruction: InstructionCache, cache: ResponseCache, picked: Tensor
+    ) -> tuple[Tensor, ResponseCache]:
+        """``forward_response`` recomputing only ``picked`` (Long[B, n]) at every layer."""
+        batch, length = response.shape
+        cached = cache.outputs[0].shape[:2]
+        if tuple(cached) != (batch, length):
+            raise ValueError(f"cache holds {tuple(cached)} (B, R), got {(batch, length)}")
+        count = picked.shape[1]
+        prompt = instruction.keys[0].shape[2]
+        key_valid = instruction.key_valid
+        if key_valid is not None:
+            key_valid = torch.cat([key_valid, key_valid.new_ones(batch, length)], dim=1)
+        mask = AttentionMask(key_valid)
+        x = self.embed(response.gather(1, picked))  # (B, n, H)
+        hidden_size = x.shape[-1]
+        cos, sin = self.rotary.at(instruction.lengths[:, None] + picked, prompt + length, x.dtype)
+        rows = picked[:, :, None].expand(-1, -1, hidden_size)
+        layers = zip(self.layers, instruction.keys, instruction.values, strict=True)
+        for index, (layer, prompt_k, prompt_v) in enumerate(layers):
+            q, k, v = self._qkv(layer, x, cos, sin)
+            slots = picked[:, None, :, None].expand(-1, k.shape[1], -1, self.head_dim)
+            keys = cache.keys[index].scatter_(2, slots, k)
+            values = cache.values[index].scatter_(2, slots, v)
+            x = self._finish(layer, x, q, _cat(prompt_k, keys), _cat(prompt_v, values), mask)
+            cache.outputs[index].scatter_(1, rows, x)
+        cache.recomputed = len(self.layers) * batch * count
+        return self.backbone.norm(cache.outputs[-1]), cache
 
     def _refresh_layer(
         self,

@@ -14,7 +14,9 @@ modes (``CacheConfig.enabled``):
   ``refresh_ratio`` fraction, or all below ``refresh_threshold``) and reuses the cached
   layer outputs elsewhere. dLLM-Cache's observation: between adjacent denoising steps most
   response features barely move, and the value vector is a cheap, reliable proxy for which
-  ones did.
+  ones did. With ``strategy="active"`` the partial calls recompute instead exactly the
+  positions asked for and those whose token changed (Fast-dLLM's dual cache; with block
+  decoding, the current block).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class ModelPredictor:
         self._instruction_cache: InstructionCache | None = None
         self._response_cache: ResponseCache | None = None
         self._calls_since_full = 0
+        self._response: Tensor | None = None  # the canvas of the last cached call
         self._hidden: Tensor | None = None  # the last call's final hidden states
         self._logits: dict[str, Tensor] = {}  # Float[B, R, V_g]: head outputs kept per position
         self._known: dict[str, Tensor] = {}  # Bool[B, R]: where _logits matches _hidden
@@ -71,7 +74,7 @@ class ModelPredictor:
         logits computed for it before (exactly the same numbers): the head, a
         ``V_g x H`` product per position, is only run where the hidden state is new.
         """
-        hidden = self.hidden(response)
+        hidden = self.hidden(response, select)
         if not self.cache.enabled:
             return {
                 name: self.model.head_logits(hidden[where], name) for name, where in select.items()
@@ -99,8 +102,12 @@ class ModelPredictor:
         self._known[name] = known | needed
         return self._logits[name][where]
 
-    def hidden(self, response: Tensor) -> Tensor:
-        """Float[B, R, H] final hidden states of the response canvas Long[B, R]."""
+    def hidden(self, response: Tensor, select: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Float[B, R, H] final hidden states of the response canvas Long[B, R].
+
+        ``select``: the positions whose logits the caller wants; the ``active`` strategy
+        recomputes those and the ones whose token changed (all positions when not given).
+        """
         layers = self.model.config.backbone.num_hidden_layers
         self.full_equivalent += layers * response.numel()
         if not self.cache.enabled:
@@ -119,15 +126,37 @@ class ModelPredictor:
             stale, self._calls_since_full = None, 0
         else:
             self._calls_since_full += 1
+        positions = None
+        if stale is not None and self.cache.strategy == "active":
+            positions = self._active_positions(response, select)
         hidden, self._response_cache = self.model.forward_response(
             response,
             self._instruction_cache,
             cache=stale,
             refresh_ratio=self.cache.refresh_ratio,
             refresh_threshold=self.cache.refresh_threshold,
+            positions=positions,
         )
+        self._response = response
         self.recomputed += self._response_cache.recomputed
         return hidden
+
+    def _active_positions(self, response: Tensor, select: Mapping[str, Tensor] | None) -> Tensor:
+        """Long[B, n] sorted: per row the selected positions and those whose token changed
+        since the last call, padded (every row computes ``n``, the largest count) with
+        positions from the row's left end."""
+        needed = response != self._response
+        if select is None:
+            needed = torch.ones_like(needed)
+        else:
+            for where in select.values():
+                needed = needed | where
+        count = max(1, int(needed.sum(1).max()))
+        width = response.shape[1]
+        # Needed positions first (score in [width, 2 width)), then the leftmost others.
+        ranks = torch.arange(width, 0, -1, device=response.device)
+        score = ranks + width * needed.long()
+        return score.topk(count, dim=1).indices.sort(dim=1).values
 
     def _full_forward(self, response: Tensor) -> Tensor:
         """Instruction + response in one DFM forward; rows packed so that each response

@@ -46,13 +46,21 @@ FIXED = -1  # group index of a canvas position that is never denoised
 
 
 class CacheConfig(Section):
-    """Adaptive feature caching during denoising (dLLM-Cache, arXiv 2506.06295).
+    """Feature caching during denoising.
 
     The instruction's keys/values are computed once (the instruction never attends to the
     response, so they are exact). The response is recomputed fully every
-    ``full_refresh_every`` steps; in between, each layer recomputes only the positions whose
-    value vectors moved most (lowest cosine similarity to the cached ones): the
-    ``refresh_ratio`` fraction, or all below ``refresh_threshold`` (at least one).
+    ``full_refresh_every`` steps; in between, ``strategy``:
+
+    * ``adaptive`` (dLLM-Cache, arXiv 2506.06295): each layer recomputes only the positions
+      whose value vectors moved most (lowest cosine similarity to the cached ones): the
+      ``refresh_ratio`` fraction, or all below ``refresh_threshold`` (at least one).
+    * ``active`` (the dual cache of Fast-dLLM, arXiv 2505.22618): every layer recomputes
+      only the positions whose logits are asked for and those whose token changed since the
+      last step; every other position keeps its cached keys/values. With
+      ``SamplerConfig.decode_block`` that is the current block (plus the tokens just
+      committed): the rest of the canvas, future ``<MASK>`` positions included, is cached.
+      ``refresh_ratio`` / ``refresh_threshold`` are then unused.
     """
 
     enabled: bool = Field(True, description="False: full forward of instruction + response")
@@ -61,6 +69,11 @@ class CacheConfig(Section):
         None, ge=-1, le=1, description="recompute positions with value cosine below this"
     )
     full_refresh_every: int = Field(8, ge=1, description="full response refresh period, steps")
+    strategy: Literal["adaptive", "active"] = Field(
+        "adaptive",
+        description="between full refreshes, recompute by value cosine (adaptive, dLLM-Cache) "
+        "or only the positions predicted and those whose token changed (active, Fast-dLLM)",
+    )
 
     @model_validator(mode="after")
     def _one_rule(self) -> CacheConfig:
@@ -84,6 +97,12 @@ class SamplerConfig(Section):
     )
     temperature: float = Field(
         1.0, ge=0, description="posterior temperature; 0 = argmax (greedy) predictions"
+    )
+    decode_block: int | None = Field(
+        None,
+        ge=1,
+        description="confidence: semi-autoregressive blocks of this many positions, "
+        "unmasked left to right (None: the whole canvas at once)",
     )
     block_size: int = Field(32, ge=1, description="DGS block; training pads to a multiple")
     eos_threshold: float = Field(0.5, gt=0, le=1, description="DGS: stop growing at this")
@@ -286,20 +305,35 @@ def commit_positions(
     return masked & (rank < k[:, None])
 
 
-def _per_step(masked: Tensor, step: int, config: SamplerConfig) -> Tensor | None:
-    """Long[B] tokens to commit per row at ``step``, or None in threshold mode.
+def _per_step(
+    masked: Tensor, step: int | Tensor, config: SamplerConfig, steps: int | None = None
+) -> Tensor | None:
+    """Long[B] tokens to commit per row at ``step`` (int, or Long[B] per row), or None in
+    threshold mode.
 
     Without ``tokens_per_step`` the remaining masked count is spread evenly over the
-    remaining steps (LLaDA's ``get_num_transfer_tokens``), so the canvas is clean after
-    ``steps`` steps.
+    remaining of ``steps`` (default ``config.steps``; LLaDA's ``get_num_transfer_tokens``),
+    so the canvas (block) is clean after that many steps.
     """
     if config.tau is not None:
         return None
     if config.tokens_per_step is not None:
         return torch.full(masked.shape[:1], config.tokens_per_step, device=masked.device)
     remaining = masked.sum(1)
-    steps_left = max(config.steps - step, 1)
+    steps_left = ((steps or config.steps) - torch.as_tensor(step, device=masked.device)).clamp(
+        min=1
+    )
     return torch.div(remaining + steps_left - 1, steps_left, rounding_mode="floor").clamp(min=1)
+
+
+def current_block(masked: Tensor, block: int) -> Tensor:
+    """Bool[B, R]: each row's masked positions in its leftmost block of ``block`` positions
+    that still holds one (semi-autoregressive decoding, LLaDA / Fast-dLLM)."""
+    width = masked.shape[1]
+    positions = torch.arange(width, device=masked.device)
+    first = torch.where(masked, positions, width).amin(1)  # width when nothing is masked
+    start = torch.div(first, block, rounding_mode="floor") * block
+    return masked & (positions[None, :] < (start + block)[:, None])
 
 
 def confidence_unmask(
@@ -313,15 +347,29 @@ def confidence_unmask(
 
     Each step predicts every masked position (``x_hat``, confidence ``p_theta(x_hat)``) and
     commits the ones chosen by :func:`commit_positions`; committed tokens are final.
+
+    With ``decode_block`` only the masked positions of each row's current block (the
+    leftmost one still holding a masked position) are predicted and committed; the blocks
+    are unmasked left to right, the canvas keeps its full length (later blocks stay
+    ``<MASK>``, which the model sees, as in training). Without ``tokens_per_step`` or
+    ``tau``, each block gets ``steps * decode_block / R`` steps (at least one).
     """
     masked = canvas.free & (canvas.ids == vocab.mask_id)
-    step = 0
+    block = config.decode_block
+    width = canvas.ids.shape[1]
+    block_steps = None if block is None else max(1, config.steps * block // max(width, 1))
+    step: int | Tensor = 0 if block is None else torch.zeros_like(masked[:, 0], dtype=torch.long)
     while masked.any():
+        active = masked if block is None else current_block(masked, block)
         x1, confidence = predict_tokens(
-            predictor, canvas, masked, vocab, config.temperature, generator
+            predictor, canvas, active, vocab, config.temperature, generator
         )
-        commit = commit_positions(confidence, masked, _per_step(masked, step, config), config.tau)
+        count = _per_step(active, step, config, block_steps)
+        commit = commit_positions(confidence, active, count, config.tau)
         canvas = Canvas(torch.where(commit, x1, canvas.ids), canvas.group)
         masked = masked & ~commit
-        step += 1
+        if block is None:
+            step += 1
+        else:  # a row whose block is done starts the next one at its step 0
+            step = torch.where((active & ~commit).any(1), step + 1, 0)
     return canvas

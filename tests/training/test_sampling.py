@@ -266,6 +266,27 @@ def test_confidence_unmasking_threshold() -> None:
     assert masked_counts(oracle) == [[32, 32], [3, 3], [2, 2], [1, 1]]
 
 
+def test_block_decoding_unmasks_blocks_left_to_right() -> None:
+    margin = torch.linspace(1.0, 20.0, 35).expand(2, -1).clone()  # later = more confident
+    config = SamplerConfig(tokens_per_step=3, temperature=0, decode_block=8)
+    oracle = unmasking_run(config, margin)
+    free = mixed_canvas(2, 20, 12).free
+    for seen in oracle.seen:
+        masked = (seen == MASK) & free
+        first = int(masked[0].nonzero()[0])
+        later = torch.arange(35) >= (first // 8 + 1) * 8
+        assert bool((masked | ~free)[:, later].all())  # no later block touched yet
+        assert not bool(masked[:, :first].any())
+    # 3 per step within each block: 8 | 8 | 4 text + 3 image | 8 | 1 free positions.
+    assert [c[0] for c in masked_counts(oracle)] == [32, 29, 26, 24, 21, 18, 16, 13, 10, 9, 6, 3, 1]
+
+
+def test_block_decoding_spreads_the_steps_over_the_blocks() -> None:
+    # 10 steps over 35 positions in blocks of 8: 2 steps per block.
+    oracle = unmasking_run(SamplerConfig(steps=10, temperature=0, decode_block=8))
+    assert masked_counts(oracle) == [[c, c] for c in (32, 28, 24, 20, 16, 12, 9, 5, 1)]
+
+
 def test_confidence_unmasking_needs_the_masked_path() -> None:
     config = SamplerConfig(method="confidence")
     oracle = KnowsLength([3])
@@ -486,6 +507,40 @@ def test_generation_with_ratio_one_equals_no_cache(
     assert len({token for row in exact for token in row}) >= 3  # not one token repeated
 
 
+@torch.inference_mode()
+def test_forward_response_at_every_position_equals_the_full_pass(model: OmniModel) -> None:
+    ids, valid = instructions()
+    prompt = model.encode_instruction(ids, valid)
+    first, second = canvases(3)[1:]
+    _, cache = model.forward_response(first, prompt)
+    full, _ = model.forward_response(second, prompt)
+    every = torch.arange(24).expand(2, -1)
+    partial, _ = model.forward_response(second, prompt, cache=cache, positions=every)
+    torch.testing.assert_close(partial, full, atol=1e-5, rtol=0)
+
+
+@torch.inference_mode()
+def test_active_cache_recomputes_the_asked_and_the_changed_positions_only(
+    model: OmniModel,
+) -> None:
+    ids, valid = instructions()
+    cache = CacheConfig(strategy="active", full_refresh_every=100)
+    predictor = ModelPredictor(model, ids, valid, cache)
+    steps = canvases(4)
+    previous = predictor.hidden(steps[0])
+    for before, canvas in zip(steps, steps[1:], strict=False):
+        asked = torch.zeros_like(canvas, dtype=torch.bool)
+        asked[:, :2] = True
+        work = predictor.recomputed
+        hidden = predictor.hidden(canvas, {"text": asked})
+        needed = asked | (canvas != before)
+        assert predictor.recomputed - work == 2 * 2 * int(needed[0].sum())  # layers x rows
+        # Every other position keeps exactly its features; the recomputed ones move.
+        assert torch.equal(hidden[~needed], previous[~needed])
+        assert bool((hidden[needed] != previous[needed]).any(-1).all())
+        previous = hidden
+
+
 class Tee:
     """Samples with the cached predictor; records how far its logits are from exact ones."""
 
@@ -537,3 +592,29 @@ def test_model_generates_media_within_its_structure(model: OmniModel, target: st
     for row in rows:
         assert len(row) == 8 and row[0] == begin and row[-1] == end
         assert bool((GROUPS.group_of(row[1:-1]) == GROUPS.index(target)).all())
+
+
+@torch.inference_mode()
+def test_block_decoding_with_the_active_cache_stays_close(model: OmniModel) -> None:
+    """Blocks of 8 over 32 positions, 2 tokens per step, the active cache: logits near the
+    exact ones on the same canvases, nearer with a full refresh at every block start (every
+    4 steps) than with none after the first call, where the cached future ``<MASK>``
+    features grow stale. A trained model's agreement is measured, not asserted."""
+    ids, valid = instructions()
+    config = SamplerConfig(
+        tokens_per_step=2, temperature=0, block_size=32, max_length=32, decode_block=8
+    )
+    mean_error = {}
+    for every in (4, 1000):
+        cache = CacheConfig(strategy="active", full_refresh_every=every)
+        tee = Tee(
+            ModelPredictor(model, ids, valid, cache),
+            ModelPredictor(model, ids, valid, CacheConfig(enabled=False)),
+        )
+        sample_response(tee, paths()["masked"], "text", 2, VOCAB, config)
+        assert len(tee.errors) == 17  # the DGS probe, then 4 blocks of 4 steps
+        assert max(tee.errors) < 0.3
+        mean_error[every] = sum(tee.errors) / len(tee.errors)
+        if every == 4:
+            assert sum(tee.agreement) / len(tee.agreement) >= 0.9
+    assert mean_error[4] < mean_error[1000]
