@@ -42,6 +42,12 @@ class ResponseCache:
     values: list[Tensor]
     outputs: list[Tensor]
     recomputed: int
+    # Filled by the first partial pass at fixed positions: per layer the instruction's and
+    # the response's keys/values in one contiguous (B, Hkv, P + R, D) buffer (``keys`` /
+    # ``values`` then view its response part), and the final normed hidden states.
+    joint_keys: list[Tensor] | None = None
+    joint_values: list[Tensor] | None = None
+    hidden: Tensor | None = None
 
 
 @dataclass

@@ -158,12 +158,40 @@ class OmniModel(nn.Module):
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
     def _finish(
-        self, layer: nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask
+        self,
+        layer: nn.Module,
+        x: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: AttentionMask,
+        few: bool = False,
     ) -> Tensor:
-        """Attention of q over (k, v), output projection, residual, then the MLP block."""
-        out = attend(q, k, v, mask, self.scale, self.backend)
+        """Attention of q over (k, v), output projection, residual, then the MLP block.
+
+        ``few`` (inference with few queries): on the CPU under SDPA, attention as two matmuls
+        (:meth:`_attend_few`) instead of SDPA, whose CPU kernel costs more per call than
+        the whole product at one or a few dozen queries.
+        """
+        if few and q.device.type == "cpu" and self.backend == "sdpa":
+            out = self._attend_few(q, k, v, mask)
+        else:
+            out = attend(q, k, v, mask, self.scale, self.backend)
         x = x + layer.self_attn.o_proj(out.transpose(1, 2).reshape(*x.shape[:2], -1))
         return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def _attend_few(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+        """softmax(q k^T scale + mask) v with the grouped query heads of a key/value head
+        stacked into one matmul; masks that depend on the query go to :func:`attend`."""
+        allowed, is_causal = mask.dense(q.shape[2], k.shape[2], q.device)
+        if is_causal or (allowed is not None and (allowed.dim() != 4 or allowed.shape[2] != 1)):
+            return attend(q, k, v, mask, self.scale, self.backend)
+        batch, heads, count, dim = q.shape
+        groups = k.shape[1]
+        scores = q.reshape(batch, groups, -1, dim) @ k.transpose(-1, -2) * self.scale
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, -math.inf)
+        return (scores.softmax(-1) @ v).view(batch, heads, count, dim)
 
     def _layer(
         self, layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask
@@ -383,20 +411,32 @@ class OmniModel(nn.Module):
         if key_valid is not None:
             key_valid = torch.cat([key_valid, key_valid.new_ones(batch, length)], dim=1)
         mask = AttentionMask(key_valid)
+        if cache.joint_keys is None or cache.joint_values is None or cache.hidden is None:
+            # One contiguous instruction + response buffer per layer, written in place from
+            # now on: no concatenation per step.
+            pairs = zip(instruction.keys, cache.keys, instruction.values, cache.values, strict=True)
+            joint = [(_cat(pk, rk), _cat(pv, rv)) for pk, rk, pv, rv in pairs]
+            cache.joint_keys = [k for k, _ in joint]
+            cache.joint_values = [v for _, v in joint]
+            cache.keys = [k[:, :, prompt:] for k in cache.joint_keys]
+            cache.values = [v[:, :, prompt:] for v in cache.joint_values]
+            cache.hidden = self.backbone.norm(cache.outputs[-1])
         x = self.embed(response.gather(1, picked))  # (B, n, H)
         hidden_size = x.shape[-1]
         cos, sin = self.rotary.at(instruction.lengths[:, None] + picked, prompt + length, x.dtype)
         rows = picked[:, :, None].expand(-1, -1, hidden_size)
-        layers = zip(self.layers, instruction.keys, instruction.values, strict=True)
-        for index, (layer, prompt_k, prompt_v) in enumerate(layers):
+        slots = (prompt + picked)[:, None, :, None]
+        for index, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, x, cos, sin)
-            slots = picked[:, None, :, None].expand(-1, k.shape[1], -1, self.head_dim)
-            keys = cache.keys[index].scatter_(2, slots, k)
-            values = cache.values[index].scatter_(2, slots, v)
-            x = self._finish(layer, x, q, _cat(prompt_k, keys), _cat(prompt_v, values), mask)
+            where = slots.expand(-1, k.shape[1], -1, self.head_dim)
+            keys = cache.joint_keys[index].scatter_(2, where, k)
+            values = cache.joint_values[index].scatter_(2, where, v)
+            x = self._finish(layer, x, q, keys, values, mask, few=True)
             cache.outputs[index].scatter_(1, rows, x)
         cache.recomputed = len(self.layers) * batch * count
-        return self.backbone.norm(cache.outputs[-1]), cache
+        # A new tensor: callers compare it with the previous step's.
+        cache.hidden = cache.hidden.scatter(1, rows, self.backbone.norm(x))
+        return cache.hidden, cache
 
     def _refresh_layer(
         self,
@@ -492,7 +532,7 @@ class OmniModel(nn.Module):
             q, k, v = self._qkv(layer, x, cos, sin)
             keys[:, :, start:end] = k
             values[:, :, start:end] = v
-            x = self._finish(layer, x, q, keys[:, :, :end], values[:, :, :end], mask)
+            x = self._finish(layer, x, q, keys[:, :, :end], values[:, :, :end], mask, few=True)
         kv.length = end
         kv.positions = kv.positions + count
         hidden = self.backbone.norm(x)
