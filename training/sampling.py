@@ -22,6 +22,8 @@ Samplers:
   commits the most confident ones: ``k`` per step (``tokens_per_step``, or the masked count
   spread evenly over the remaining ``steps``), or all with confidence above ``tau`` (at least
   one); the others stay masked ("low-confidence remasking", LLaDA arXiv 2502.09992, Alg. 5).
+  With ``decode_block`` it works block by block, left to right (semi-autoregressive, LLaDA;
+  Fast-dLLM arXiv 2505.22618), the later blocks kept on the canvas as ``<MASK>``.
 
 Which canvas to denoise (dynamic length for text, fixed structure for media) is
 :mod:`training.generation`'s business.
