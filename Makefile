@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/eval_throughput.py
 	$(BIN)/python benchmarks/trainer_overhead.py
 	$(BIN)/python benchmarks/modality_batching.py
+	$(BIN)/python benchmarks/tokenizer_quality.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -54,6 +54,7 @@ def render_shard_report(report: ShardReport, console: Console) -> None:
 
 QUALITY_ROWS = (
     ("image_psnr", "image PSNR (dB, higher is better)", "{:.2f}"),
+    ("image_ssim", "image SSIM (higher is better)", "{:.3f}"),
     ("image_usage", "image codebook usage", "{:.1%}"),
     ("audio_mel_l1", "audio mel-L1 (lower is better)", "{:.4f}"),
     ("audio_usage", "audio codebook usage", "{:.1%}"),

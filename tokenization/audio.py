@@ -39,7 +39,13 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from infra.config import Section
 from tokenization.errors import TokenizerInputError
 from tokenization.persistence import load_component, save_component
-from tokenization.quantizer import QuantizerConfig, QuantizerOutput, VectorQuantizer
+from tokenization.quantizer import (
+    QuantizerConfig,
+    QuantizerOutput,
+    VectorQuantizer,
+    principal_directions,
+    ridge_regression,
+)
 
 SAMPLE_RATE = 16000
 HOP_LENGTH = 160  # Whisper's STFT hop
@@ -90,6 +96,12 @@ class AudioTokenizerConfig(Section):
         128, ge=2, description="mel decoder width at token rate (half of it at frame rate)"
     )
     decoder_blocks: int = Field(2, ge=0, description="dilated residual conv blocks per rate")
+    patch_path: bool = Field(
+        True,
+        description="a linear path from each token's span of mel frames to its latent and back, "
+        "beside the Whisper encoder and the conv decoder; `initialise` sets it to the spans' PCA "
+        "so training starts as a k-means codec of mel spans and the networks learn the residual",
+    )
     min_seconds: float = Field(
         0.1, ge=0.025, description="shorter clips are rejected (0.025 s = one 400-sample FFT)"
     )
@@ -101,6 +113,11 @@ class AudioTokenizerConfig(Section):
     def downsample(self) -> int:
         """Encoder frames (50 Hz) per token position."""
         return round(MEL_FRAMES_PER_SECOND / ENCODER_STRIDE / self.token_rate_hz)
+
+    @property
+    def span(self) -> int:
+        """Mel frames (100 Hz) per token position."""
+        return ENCODER_STRIDE * self.downsample
 
     @model_validator(mode="after")
     def _consistent(self) -> AudioTokenizerConfig:
@@ -228,6 +245,93 @@ class MelDecoder(nn.Module):
         return self.frames(self.upsample(self.tokens(quantized.transpose(1, 2))))
 
 
+def _pad_to_spans(mels: torch.Tensor, lengths: torch.Tensor, frames: int) -> torch.Tensor:
+    """(B, n_mels, F) -> (B, n_mels, frames): frames past each clip's length (B,) hold
+    Whisper's padding, the log-mel of silence (``peak - 2``), as in the encoder's windows."""
+    mels = F.pad(mels[..., :frames], (0, max(0, frames - mels.shape[-1])))
+    valid = (torch.arange(frames, device=mels.device) < lengths.to(mels.device)[:, None])[:, None]
+    peak = mels.masked_fill(~valid, -torch.inf).amax(dim=(1, 2), keepdim=True)
+    return torch.where(valid, mels, peak - SILENCE_BELOW_PEAK)
+
+
+class _SpanPath(nn.Module):
+    """Linear maps between a token's span of mel frames (n_mels x span) and its latent:
+    ``encode`` (B, n_mels, T * span) -> (B, T, dim), ``decode`` (B, T, dim) -> (B, n_mels,
+    T * span), each token drawing its own span and reaching one span into its neighbours'
+    (overlap-add), so the linear decoder can blend across token borders.
+
+    Fitted in closed form by :meth:`AudioTokenizer.initialise`: ``encode`` is the projection
+    onto the spans' top principal directions (:meth:`fit_pca`); with a k-means codebook of
+    these projections and ``decode`` the least-squares map from a token and its neighbours to
+    its span (:meth:`fit_decoder`), the tokenizer starts as a vector quantiser of mel spans
+    with a linear decoder, and the Whisper encoder and conv decoder learn what it misses.
+    """
+
+    def __init__(self, config: AudioTokenizerConfig) -> None:
+        super().__init__()
+        dim, self.span = config.quantizer.dim, config.span
+        self.encoder = nn.Conv1d(config.n_mels, dim, self.span, stride=self.span)
+        self.decoder = nn.ConvTranspose1d(
+            dim, config.n_mels, 3 * self.span, stride=self.span, padding=self.span
+        )
+
+    def encode(self, mels: torch.Tensor) -> torch.Tensor:
+        return self.encoder(mels).transpose(1, 2)
+
+    def decode(self, vectors: torch.Tensor) -> torch.Tensor:
+        return self.decoder(vectors.transpose(1, 2))
+
+    def _centre(self) -> torch.Tensor:
+        """(n_mels * span,): the decoder's per-bin bias repeated over a span (conv order)."""
+        return self.decoder.bias.detach().float().repeat_interleave(self.span)
+
+    def spans_of(self, mel: torch.Tensor) -> torch.Tensor:
+        """(n_mels, T * span) -> (T, n_mels * span), bin-major like the conv weights."""
+        return mel.reshape(mel.shape[0], -1, self.span).transpose(0, 1).flatten(1)
+
+    @torch.no_grad()
+    def fit_pca(self, mels: list[torch.Tensor]) -> None:
+        """PCA of the whole spans of clips ``[(n_mels, F_i), ...]``, centred per mel bin;
+        the decoder starts as the transpose (each token drawing only its own span)."""
+        whole = [m[:, : m.shape[1] // self.span * self.span].float() for m in mels]
+        points = torch.cat([self.spans_of(m) for m in whole])
+        if points.shape[0] == 0:
+            raise ValueError(f"initialise: no clip is {self.span} mel frames long")
+        self.decoder.bias.copy_(torch.cat(whole, dim=1).mean(1))
+        centre = self._centre()
+        basis = principal_directions(points - centre, self.encoder.out_channels)
+        weight = basis.reshape(-1, self.encoder.in_channels, self.span).to(self.encoder.weight)
+        self.encoder.weight.copy_(weight)
+        self.encoder.bias.copy_(-(basis @ centre).to(self.encoder.bias))
+        self.decoder.weight.zero_()
+        self.decoder.weight[..., self.span : 2 * self.span] = weight
+
+    @torch.no_grad()
+    def fit_decoder(
+        self, codes: list[torch.Tensor], mels: list[torch.Tensor], groups: list[int]
+    ) -> None:
+        """Least-squares decoder (ridge on |error|, penalty cross-validated over ``groups``)
+        from each clip's code vectors (T_i, dim) to its log-mel (n_mels, F_i); only tokens
+        whose span lies inside the clip are fitted."""
+        features, targets, owners = [], [], []
+        for vectors, mel, group in zip(codes, mels, groups, strict=True):
+            whole = mel.shape[1] // self.span
+            grid = vectors.T.float()[None, :, None]  # (1, dim, 1, T)
+            rows = F.unfold(grid, (1, 3), padding=(0, 1))[0].T  # (T, dim * 3), d-major
+            features.append(rows[:whole])
+            targets.append(self.spans_of(mel[:, : whole * self.span].float()))
+            owners.append(torch.full((whole,), group, device=mel.device))
+        dim, bins = self.encoder.out_channels, self.encoder.in_channels
+        weights, _ = ridge_regression(
+            torch.cat(features), torch.cat(targets) - self._centre(), torch.cat(owners), power=1
+        )
+        # Feature (d, k) is the code at offset k - 1; ConvTranspose1d draws the code at
+        # offset -1 with kernel taps [2 span, 3 span), at +1 with [0, span).
+        weights = weights.reshape(dim, 3, bins, self.span).flip(1)
+        kernel = weights.permute(0, 2, 1, 3).reshape(dim, bins, 3 * self.span)
+        self.decoder.weight.copy_(kernel.to(self.decoder.weight))
+
+
 class AudioTokenizer(nn.Module):
     """Waveforms -> audio ids ``[0, vocab_size)`` and ids -> log-mel; see the module docstring."""
 
@@ -248,6 +352,11 @@ class AudioTokenizer(nn.Module):
         self.quantizer = VectorQuantizer(config.quantizer)
         self.decoder = MelDecoder(config)
         self.feature_extractor = WhisperFeatureExtractor(feature_size=config.n_mels)
+        self.spans = _SpanPath(config) if config.patch_path else None
+        if self.spans is not None:  # encoder and decoder start silent: they learn the residual
+            for layer in (self.project, self.decoder.frames[-1]):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     @classmethod
     def from_config(cls, config: AudioTokenizerConfig) -> AudioTokenizer:
@@ -264,6 +373,8 @@ class AudioTokenizer(nn.Module):
     def from_pretrained(cls, directory: str | Path) -> AudioTokenizer:
         """Load what :meth:`save_pretrained` wrote; needs no Whisper checkpoint."""
         config, state = load_component(directory, AudioTokenizerConfig)
+        if "patch_path" not in config.model_fields_set:  # saved before the span path existed
+            config = config.model_copy(update={"patch_path": False})
         tokenizer = cls.from_config(config)
         tokenizer.load_state_dict(state)
         return tokenizer
@@ -332,6 +443,20 @@ class AudioTokenizer(nn.Module):
         out[keep] = hidden
         return out.flatten(1, 2)
 
+    def latents(
+        self, mels: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-mels (B, n_mels, F), lengths (B,) -> pre-quantisation latents (B, T, dim) and
+        token lengths (B,); latents past a clip's end are meaningless."""
+        lengths = lengths.to(mels.device)
+        token_lengths = self.token_lengths(lengths)
+        hidden = self.encoder_features(mels, lengths).transpose(1, 2)  # (B, d, W * P)
+        latent = F.gelu(self.downsample(hidden)[..., : int(token_lengths.max())])
+        z = self.project(latent.transpose(1, 2))  # (B, T, dim)
+        if self.spans is not None:
+            z = z + self.spans.encode(_pad_to_spans(mels, lengths, z.shape[1] * self.config.span))
+        return z, token_lengths
+
     def quantize(
         self, mels: torch.Tensor, lengths: torch.Tensor
     ) -> tuple[QuantizerOutput, torch.Tensor]:
@@ -343,11 +468,7 @@ class AudioTokenizer(nn.Module):
         """
         if int(lengths.min()) < 1:
             raise ValueError(f"every clip needs at least one mel frame, got lengths {lengths}")
-        lengths = lengths.to(mels.device)
-        token_lengths = self.token_lengths(lengths)
-        hidden = self.encoder_features(mels, lengths).transpose(1, 2)  # (B, d, W * P)
-        latent = F.gelu(self.downsample(hidden)[..., : int(token_lengths.max())])
-        z = self.project(latent.transpose(1, 2))  # (B, T, dim)
+        z, token_lengths = self.latents(mels, lengths)
         valid = torch.arange(z.shape[1], device=z.device) < token_lengths[:, None]
         out = self.quantizer(z[valid].unsqueeze(0))
         quantized = z.new_zeros(z.shape)
@@ -364,8 +485,60 @@ class AudioTokenizer(nn.Module):
         """Training pass: (reconstructed (B, n_mels, F), VQ output, quantized (B, T, dim),
         token lengths (B,)); reconstruction is valid up to each clip's ``lengths``."""
         out, token_lengths = self.quantize(mels, lengths)
-        reconstructed = self.decoder(out.quantized)[..., : mels.shape[-1]]
+        reconstructed = self.reconstruct(out.quantized)[..., : mels.shape[-1]]
         return reconstructed, out, out.quantized, token_lengths
+
+    @torch.no_grad()
+    def initialise(
+        self, mels: list[torch.Tensor], seed: int = 0, gains: tuple[float, ...] = (-0.1, 0.0, 0.1)
+    ) -> None:
+        """Data-dependent start from training log-mels ``[(n_mels, F_i), ...]``: the span path's
+        encoder from the PCA of their spans, the codebook from k-means of the encoder's
+        outputs over every token, then the span path's decoder by least squares from the
+        codes (see :class:`_SpanPath`). Encode -> decode is then a fitted linear codec of mel
+        spans before any step.
+
+        Each clip is seen at every offset of the token grid (new token contents) and at every
+        gain in ``gains`` (log-mel offsets; 0.1 = 4 dB in Whisper's scale), since neither a
+        clip's start nor its loudness is meaningful. Measured on the demo's held-out clips
+        over 4 seeds: mel-L1 0.1376 without the gains, 0.1349 with +-0.1, 0.142 with +-0.2.
+        """
+        span = self.config.span
+        views, groups = [], []
+        for index, mel in enumerate(mels):
+            for offset in range(min(span, mel.shape[1])):
+                for gain in gains:
+                    views.append(mel[:, offset:].to(self.device) + gain)
+                    groups.append(index)
+        if self.spans is not None:
+            self.spans.fit_pca(views)
+        latents = self._initial_latents(views)
+        generator = torch.Generator().manual_seed(seed)
+        self.quantizer.initialise_from(torch.cat(latents), generator)
+        if self.spans is not None:
+            flat = torch.cat(latents)[None]
+            codes = self.quantizer.ids_to_vectors(self.quantizer.nearest(flat))[0]
+            self.spans.fit_decoder(list(codes.split([len(z) for z in latents])), views, groups)
+
+    def _initial_latents(self, mels: list[torch.Tensor], batch: int = 32) -> list[torch.Tensor]:
+        """Latents (T_i, dim) of log-mels ``[(n_mels, F_i), ...]``, in batches. While the
+        encoder's residual is silent (``project`` zero, as built beside a span path) they are
+        the span path's alone, and the Whisper encoder, most of the cost, is not run."""
+        silent = self.spans is not None and not (
+            self.project.weight.any() or self.project.bias.any()
+        )
+        latents = []
+        with _eval_mode(self):
+            for start in range(0, len(mels), batch):
+                padded, lengths = pad_mels(mels[start : start + batch])
+                token_lengths = self.token_lengths(lengths)
+                if silent:
+                    frames = int(token_lengths.max()) * self.config.span
+                    z = self.spans.encode(_pad_to_spans(padded, lengths, frames))
+                else:
+                    z = self.latents(padded, lengths)[0]
+                latents += [row[: int(n)] for row, n in zip(z, token_lengths, strict=True)]
+        return latents
 
     @torch.inference_mode()
     def encode(self, clips: list[tuple[np.ndarray, int]]) -> list[torch.Tensor]:
@@ -396,6 +569,13 @@ class AudioTokenizer(nn.Module):
         k = self.quantizer.tokens_per_vector
         return [row[: int(n) * k].cpu() for row, n in zip(out.ids, token_lengths, strict=True)]
 
+    def reconstruct(self, quantized: torch.Tensor) -> torch.Tensor:
+        """Quantized vectors (B, T, dim) -> log-mel (B, n_mels, T * span)."""
+        mels = self.decoder(quantized)
+        if self.spans is not None:
+            mels = mels + self.spans.decode(quantized)
+        return mels
+
     @torch.inference_mode()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """Ids (T * K,) -> log-mel (n_mels, T * 2 * r) on CPU (no vocoder)."""
@@ -403,7 +583,7 @@ class AudioTokenizer(nn.Module):
             raise ValueError(f"ids must be 1-D, a multiple of K long; got {tuple(ids.shape)}")
         with _eval_mode(self):
             vectors = self.quantizer.ids_to_vectors(ids.to(self.device).unsqueeze(0))
-            return self.decoder(vectors)[0].cpu()
+            return self.reconstruct(vectors)[0].cpu()
 
 
 @contextmanager

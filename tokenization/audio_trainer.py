@@ -8,6 +8,11 @@
   codes towards what is said, while ``L_R`` keeps the details needed to redraw the mel.
 
 The caption decoder only exists for this loss: it is not part of the saved tokenizer.
+
+Training clips are augmented (:func:`augment_mels`): with a dozen clips the codebook and
+decoder otherwise memorise their spans (held-out mel-L1 rose while train fell). The learning
+rate warms up, then follows a cosine over the warm-up's budget
+(:func:`tokenization.image_trainer.lr_scale`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from pydantic import Field
 from torch import nn
 
 from infra.config import Section
-from tokenization.audio import AudioTokenizer
+from tokenization.audio import AudioTokenizer, pad_mels
+from tokenization.image_trainer import lr_scale
 
 
 class AudioTrainerConfig(Section):
@@ -30,6 +36,28 @@ class AudioTrainerConfig(Section):
     learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
+    warmup_steps: int = Field(20, ge=0, description="steps of linear learning-rate warm-up")
+    min_lr_ratio: float = Field(
+        0.05, ge=0, le=1, description="learning rate at the end of the cosine, as a share"
+    )
+    max_shift: int = Field(
+        8,
+        ge=0,
+        description="augment: drop up to this many leading mel frames (moves the "
+        "token grid; 8 = one token span)",
+    )
+    max_gain: float = Field(
+        0.25,
+        ge=0,
+        description="augment: add a uniform offset in +-this to the log-mel "
+        "(0.25 = +-10 dB in Whisper's scale)",
+    )
+    max_bin_shift: int = Field(
+        3, ge=0, description="augment: shift the spectrum by up to this many mel bins"
+    )
+    max_stretch: float = Field(
+        0.2, ge=0, lt=1, description="augment: resample time by a factor in 1 +- this"
+    )
     reconstruction_weight: float = Field(1.0, ge=0, description="w_R of the mel L1")
     caption_weight: float = Field(0.5, ge=0, description="w_cap of the caption cross-entropy")
     text_vocab_size: int = Field(
@@ -50,6 +78,31 @@ def sinusoids(length: int, dim: int, device: torch.device) -> torch.Tensor:
     table[:, 0::2] = torch.sin(position * frequency)
     table[:, 1::2] = torch.cos(position * frequency[: dim // 2])
     return table
+
+
+def augment_mels(mels: list[torch.Tensor], config: AudioTrainerConfig) -> list[torch.Tensor]:
+    """Random perturbations of log-mels ``[(n_mels, F_i), ...]`` that keep them speech-like:
+    a time offset (new token boundaries), a gain, a small shift along the mel axis (edge bins
+    repeated) and a change of speed (linear resampling in time). At least one frame is kept."""
+    out = []
+    for mel in mels:
+        if config.max_stretch:
+            factor = 1 + config.max_stretch * (2 * float(torch.rand(())) - 1)
+            frames = max(1, round(mel.shape[-1] * factor))
+            mel = F.interpolate(mel[None], size=frames, mode="linear", align_corners=False)[0]
+        if config.max_shift:
+            start = int(torch.randint(0, config.max_shift + 1, ()))
+            mel = mel[:, min(start, mel.shape[-1] - 1) :]
+        if config.max_bin_shift:
+            bins = int(torch.randint(-config.max_bin_shift, config.max_bin_shift + 1, ()))
+            if bins > 0:
+                mel = torch.cat([mel[:1].expand(bins, -1), mel[:-bins]])
+            elif bins < 0:
+                mel = torch.cat([mel[-bins:], mel[-1:].expand(-bins, -1)])
+        if config.max_gain:
+            mel = mel + config.max_gain * (2 * float(torch.rand(())) - 1)
+        out.append(mel)
+    return out
 
 
 def masked_mel_l1(a: torch.Tensor, b: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -128,36 +181,50 @@ class AudioTokenizerTrainer:
         self.optimizer = torch.optim.AdamW(
             self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay
         )
+        self.global_step = 0
 
     def step(
         self,
         mels: torch.Tensor,
         lengths: torch.Tensor,
         transcript_ids: list[list[int]] | None = None,
+        progress: float = 0.0,
     ) -> dict[str, float]:
-        """One update on log-mels (B, n_mels, F) with valid lengths (B,).
+        """One update on log-mels (B, n_mels, F) with valid lengths (B,), augmented here;
+        ``progress`` is the share of the training budget spent (learning-rate schedule).
 
         Returns ``loss``, ``reconstruction`` (L_R), ``vq`` (L_VQ), ``caption`` (L_cap, only
-        with transcripts), ``usage`` (fraction of codes used in the batch), ``perplexity``.
+        with transcripts), ``usage`` (fraction of codes used in the batch), ``perplexity``
+        and ``lr``.
         """
+        config = self.config
         self.tokenizer.train()
         self.caption.train()
+        clips = [mel[:, : int(n)] for mel, n in zip(mels, lengths, strict=True)]
+        mels, lengths = pad_mels(augment_mels(clips, config))
         mels, lengths = mels.to(self.tokenizer.device), lengths.to(self.tokenizer.device)
+        lr = config.learning_rate * lr_scale(
+            self.global_step, progress, config.warmup_steps, config.min_lr_ratio
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         reconstructed, vq, features, token_lengths = self.tokenizer(mels, lengths)
         reconstruction = masked_mel_l1(reconstructed, mels, lengths)
-        loss = self.config.reconstruction_weight * reconstruction + vq.loss
+        loss = config.reconstruction_weight * reconstruction + vq.loss
         metrics = {"reconstruction": reconstruction.item(), "vq": vq.loss.item()}
         if transcript_ids is not None:
             caption = self.caption(features, token_lengths, transcript_ids)
-            loss = loss + self.config.caption_weight * caption
+            loss = loss + config.caption_weight * caption
             metrics["caption"] = caption.item()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip)
         self.optimizer.step()
+        self.global_step += 1
         return {
             "loss": loss.item(),
             **metrics,
             "usage": vq.usage,
             "perplexity": float(vq.perplexity),
+            "lr": lr,
         }

@@ -22,7 +22,7 @@ class WarmupConfig(Section):
     audio_steps: int = Field(200, ge=0, description="optimiser steps of the audio tokenizer")
     audio_batch: int = Field(8, gt=0)
     eval_fraction: float = Field(
-        0.2, ge=0, lt=1, description="documents held out (by id hash) to measure quality"
+        0.2, ge=0, lt=1, description="media held out (by content hash) to measure quality"
     )
     max_seconds: float = Field(0, ge=0, description="stop training after this; 0 = no limit")
     log_every: int = Field(10, gt=0, description="steps between logged metrics")

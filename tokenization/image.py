@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from pydantic import Field, PositiveInt, model_validator
 from torch import nn
@@ -25,7 +26,13 @@ from torch import nn
 from infra.config import Section
 from tokenization.errors import TokenizerInputError
 from tokenization.persistence import load_component, save_component
-from tokenization.quantizer import QuantizerConfig, QuantizerOutput, VectorQuantizer
+from tokenization.quantizer import (
+    QuantizerConfig,
+    QuantizerOutput,
+    VectorQuantizer,
+    principal_directions,
+    ridge_regression,
+)
 
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # "I" (int32) holds 16-bit PNG data
 _ALPHA = {"RGBA", "RGBa", "LA", "La", "PA"}
@@ -44,6 +51,12 @@ class ImageTokenizerConfig(Section):
         description="conv widths, one stride-2 level each (encoder and decoder)",
     )
     latent_dim: int = Field(64, gt=0, description="latent vector size; equals quantizer.dim")
+    patch_path: bool = Field(
+        True,
+        description="a linear path from each downsample x downsample pixel patch to its latent "
+        "and back, beside the conv encoder and decoder; `initialise` sets it to the patches' PCA "
+        "so training starts as a k-means block codec and the convs learn the residual",
+    )
     quantizer: QuantizerConfig = Field(default_factory=QuantizerConfig)
     min_side: int = Field(8, ge=1, description="source images with a smaller side are rejected")
     clip_init_dir: str | None = Field(
@@ -215,6 +228,76 @@ def _to_array(image: Image.Image, side: int) -> np.ndarray:
     return np.asarray(rgb, dtype=np.float32) / 255.0
 
 
+def _last_layer(module: nn.Module) -> nn.Module:
+    """The last module with weights: the output layer of an encoder or decoder."""
+    return [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))][-1]
+
+
+class _PatchPath(nn.Module):
+    """Linear maps between a p x p pixel patch (3 p^2 values) and its latent vector:
+    ``encode`` (B, 3, R, R) in [-1, 1] -> (B, latent_dim, R / p, R / p), ``decode`` back,
+    each latent drawing its own patch and reaching one patch into its 8 neighbours'
+    (overlap-add), so the linear decoder can blend across patch borders.
+
+    Fitted in closed form by :meth:`ImageTokenizer.initialise`: ``encode`` is the projection
+    onto the patches' top principal directions (:meth:`fit_pca`); with a k-means codebook of
+    these projections and ``decode`` the least-squares map from a 3 x 3 neighbourhood of
+    codes to the patch (:meth:`fit_decoder`), the tokenizer starts as a block vector
+    quantiser with a linear deblocking decoder, and the conv layers learn what it misses.
+    """
+
+    def __init__(self, patch: int, latent_dim: int) -> None:
+        super().__init__()
+        self.patch = patch
+        self.encode = nn.Conv2d(3, latent_dim, patch, stride=patch)
+        self.decode = nn.ConvTranspose2d(latent_dim, 3, 3 * patch, stride=patch, padding=patch)
+
+    def _centre(self) -> torch.Tensor:
+        """(3 p^2,): the decoder's per-channel bias repeated over a patch (unfold's order)."""
+        return self.decode.bias.detach().float().repeat_interleave(self.patch**2)
+
+    @torch.no_grad()
+    def fit_pca(self, pixels: torch.Tensor) -> None:
+        """PCA of the patches of ``pixels`` (M, 3, R, R) in [-1, 1], centred per channel;
+        the decoder starts as the transpose (each latent drawing only its own patch)."""
+        p = self.patch
+        self.decode.bias.copy_(pixels.float().mean(dim=(0, 2, 3)))
+        patches = F.unfold(pixels.float(), p, stride=p).transpose(1, 2).flatten(0, 1)
+        centre = self._centre()
+        basis = principal_directions(patches - centre, self.encode.out_channels)
+        weight = basis.reshape(-1, 3, p, p).to(self.encode.weight)
+        self.encode.weight.copy_(weight)
+        self.encode.bias.copy_(-(basis @ centre).to(self.encode.bias))
+        self.decode.weight.zero_()
+        self.decode.weight[:, :, p : 2 * p, p : 2 * p] = weight
+
+    @torch.no_grad()
+    def fit_decoder(self, codes: torch.Tensor, pixels: torch.Tensor, groups: torch.Tensor) -> None:
+        """Least-squares decoder (ridge, penalty cross-validated over ``groups`` (M,)) from
+        code grids ``codes`` (M, latent_dim, h, w) to ``pixels`` (M, 3, R, R) in [-1, 1]."""
+        p, (_, dim, h, w) = self.patch, codes.shape
+        features = F.unfold(codes.float(), 3, padding=1)  # (M, dim * 9, h * w), d-major
+        features = features.transpose(1, 2).flatten(0, 1)
+        targets = F.unfold(pixels.float(), p, stride=p).transpose(1, 2).flatten(0, 1)
+        weights, _ = ridge_regression(
+            features, targets - self._centre(), groups.repeat_interleave(h * w)
+        )
+        # Feature (d, ky, kx) is the code at offset (ky - 1, kx - 1); ConvTranspose2d draws
+        # the code at offset -1 with kernel rows [2p, 3p), at +1 with rows [0, p).
+        weights = weights.reshape(dim, 3, 3, 3, p, p).flip(1, 2)  # (d, ky, kx, c, u, v)
+        kernel = weights.permute(0, 3, 1, 4, 2, 5).reshape(dim, 3, 3 * p, 3 * p)
+        self.decode.weight.copy_(kernel.to(self.decode.weight))
+
+
+def _initialisation_views(pixels: torch.Tensor, shift: int) -> torch.Tensor:
+    """(M, 3, R, R) -> (4 M, 3, R, R): the images, mirrored, and both moved by ``shift``
+    pixels right and down (reflected border), in blocks of M."""
+    side = pixels.shape[-1]
+    both = torch.cat([pixels, pixels.flip(-1)])
+    moved = F.pad(both, (shift, 0, shift, 0), mode="reflect")[..., :side, :side]
+    return torch.cat([both, moved])
+
+
 class ImageTokenizer(nn.Module):
     """Encoder -> vector quantiser -> decoder; see the module docstring."""
 
@@ -228,6 +311,13 @@ class ImageTokenizer(nn.Module):
         self.config = config
         self.quantizer = VectorQuantizer(config.quantizer)
         self.decoder = _conv_decoder(config.channels, config.latent_dim)
+        self.patches = (
+            _PatchPath(config.downsample, config.latent_dim) if config.patch_path else None
+        )
+        if self.patches is not None:  # the convs start silent: they learn the residual
+            for layer in (_last_layer(self.encoder), _last_layer(self.decoder)):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     @classmethod
     def from_config(cls, config: ImageTokenizerConfig) -> ImageTokenizer:
@@ -238,6 +328,8 @@ class ImageTokenizer(nn.Module):
     def from_pretrained(cls, directory: str | Path) -> ImageTokenizer:
         """Load what :meth:`save_pretrained` wrote (safetensors only), in eval mode."""
         config, state = load_component(directory, ImageTokenizerConfig)
+        if "patch_path" not in config.model_fields_set:  # saved before the patch path existed
+            config = config.model_copy(update={"patch_path": False})
         tokenizer = cls(config)
         tokenizer.load_state_dict(state)
         return tokenizer.eval()
@@ -287,12 +379,43 @@ class ImageTokenizer(nn.Module):
         expected = (3, self.config.resolution, self.config.resolution)
         if pixels.dim() != 4 or tuple(pixels.shape[1:]) != expected:
             raise ValueError(f"pixels must be (B, {expected}), got {tuple(pixels.shape)}")
-        return self.encoder(pixels).flatten(2).transpose(1, 2)
+        latents = self.encoder(pixels)
+        if self.patches is not None:
+            latents = latents + self.patches.encode(pixels * 2 - 1)
+        return latents.flatten(2).transpose(1, 2)
 
     def _reconstruct(self, vectors: torch.Tensor) -> torch.Tensor:
         """(B, N, latent_dim) -> (B, 3, R, R) in about [0, 1] (not clamped, for the losses)."""
         grid = vectors.transpose(1, 2).reshape(vectors.shape[0], -1, self.grid, self.grid)
-        return (self.decoder(grid) + 1) / 2
+        pixels = self.decoder(grid)
+        if self.patches is not None:
+            pixels = pixels + self.patches.decode(grid)
+        return (pixels + 1) / 2
+
+    @torch.no_grad()
+    def initialise(self, pixels: torch.Tensor, batch: int = 64, seed: int = 0) -> None:
+        """Data-dependent start from training images ``pixels`` (M, 3, R, R) in [0, 1], each
+        also seen mirrored and moved by half a patch (new patch contents): the patch path's
+        encoder from their PCA, the codebook from k-means of the encoder's outputs, then the
+        patch path's decoder by least squares from the codes (see :class:`_PatchPath`).
+
+        Before any step, encode -> decode is then a fitted linear codec: held-out PSNR about
+        1 dB above an 8x8 palette thumbnail in the demo, where a random start is at 11 dB.
+        """
+        device = self.quantizer.codebook.device
+        views = _initialisation_views(pixels.to(device), self.config.downsample // 2)
+        groups = torch.arange(len(pixels), device=device).repeat(len(views) // len(pixels))
+        if self.patches is not None:
+            self.patches.fit_pca(views * 2 - 1)
+        latents = torch.cat(
+            [self._latents(views[i : i + batch]) for i in range(0, len(views), batch)]
+        )
+        generator = torch.Generator().manual_seed(seed)
+        self.quantizer.initialise_from(latents.flatten(0, 1), generator)
+        if self.patches is not None:
+            codes = self.quantizer.ids_to_vectors(self.quantizer.nearest(latents))
+            grid = codes.transpose(1, 2).reshape(len(views), -1, self.grid, self.grid)
+            self.patches.fit_decoder(grid, views * 2 - 1, groups)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput, torch.Tensor]:
         """Training pass: (reconstruction (B, 3, R, R), quantizer output, pooled (B, latent_dim)).

@@ -11,11 +11,18 @@ decoder, caption encoder) on
 and then, once the GAN is on, the PatchGAN discriminator on the hinge loss. The GAN starts
 late (as in VQGAN) because an adversary against blurry early reconstructions only adds noise.
 The loss weights are this implementation's; the paper states the sum without them.
+
+Training images are augmented (random flips and translations, reflect-padded): with a few
+dozen images the codebook otherwise memorises their patches (train PSNR 24 dB, held-out 20).
+The learning rate warms up linearly, then follows a cosine to ``min_lr_ratio`` over the
+warm-up's budget (``progress``, see :func:`lr_scale`), so a run cut short by its time
+budget still ends at a low learning rate.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +45,14 @@ class ImageTrainerConfig(Section):
     lr: float = Field(2e-4, gt=0, description="Adam learning rate (generator and discriminator)")
     betas: tuple[float, float] = Field((0.5, 0.9), description="Adam betas (VQGAN's)")
     grad_clip: float = Field(1.0, gt=0, description="max gradient norm per optimiser step")
+    warmup_steps: int = Field(20, ge=0, description="steps of linear learning-rate warm-up")
+    min_lr_ratio: float = Field(
+        0.05, ge=0, le=1, description="learning rate at the end of the cosine, as a share of lr"
+    )
+    flip: bool = Field(True, description="augment: mirror half the training images")
+    max_shift: int = Field(
+        7, ge=0, description="augment: translate by up to this many pixels (reflect padding)"
+    )
     l1_weight: float = Field(1.0, ge=0, description="weight of |x - x_hat|_1 in L_R")
     l2_weight: float = Field(1.0, ge=0, description="weight of |x - x_hat|^2 in L_R")
     gan_start_step: int = Field(
@@ -61,6 +76,30 @@ class ImageTrainerConfig(Section):
                 f"text_width={self.text_width} must be divisible by text_heads={self.text_heads}"
             )
         return self
+
+
+def lr_scale(step: int, progress: float, warmup_steps: int, min_ratio: float) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup_steps``, then a cosine from 1 to
+    ``min_ratio`` as ``progress`` (the share of the budget spent, in [0, 1]) goes 0 -> 1."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    cosine = 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    return warm * (min_ratio + (1 - min_ratio) * cosine)
+
+
+def augment_images(pixels: torch.Tensor, flip: bool, max_shift: int) -> torch.Tensor:
+    """(B, 3, R, R) -> (B, 3, R, R): each image mirrored with probability 1/2 (``flip``) and
+    translated by up to ``max_shift`` pixels each way, the uncovered border reflected."""
+    if flip:
+        mirrored = torch.rand(pixels.shape[0], device=pixels.device) < 0.5
+        pixels = torch.where(mirrored[:, None, None, None], pixels.flip(-1), pixels)
+    if max_shift:
+        side = pixels.shape[-1]
+        padded = F.pad(pixels, (max_shift,) * 4, mode="reflect")
+        offsets = torch.randint(0, 2 * max_shift + 1, (pixels.shape[0], 2)).tolist()
+        pixels = torch.stack(
+            [padded[i, :, y : y + side, x : x + side] for i, (y, x) in enumerate(offsets)]
+        )
+    return pixels
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -107,20 +146,30 @@ class ImageTokenizerTrainer:
         return self.global_step >= self.config.gan_start_step
 
     def step(
-        self, pixels: torch.Tensor, caption_ids: list[list[int]] | None = None
+        self,
+        pixels: torch.Tensor,
+        caption_ids: list[list[int]] | None = None,
+        progress: float = 0.0,
     ) -> dict[str, float]:
         """One generator step (and one discriminator step once the GAN is on).
 
-        ``pixels`` (B, 3, R, R) in [0, 1]; ``caption_ids`` None or B token-id lists, one
-        caption per image. Returns the weighted ``loss`` and the unweighted terms ``rec``
-        (L_R), ``vq``, ``gan_g``, ``gan_d``, ``sem`` (0 when off), plus the quantiser's
-        ``usage`` and ``perplexity``.
+        ``pixels`` (B, 3, R, R) in [0, 1], augmented here; ``caption_ids`` None or B token-id
+        lists, one caption per image; ``progress`` the share of the training budget spent,
+        for the learning-rate schedule. Returns the weighted ``loss`` and the unweighted terms
+        ``rec`` (L_R), ``vq``, ``gan_g``, ``gan_d``, ``sem`` (0 when off), the quantiser's
+        ``usage`` and ``perplexity``, and ``lr``.
         """
         config = self.config
         device = next(self.tokenizer.parameters()).device
-        pixels = pixels.to(device)
         if caption_ids is not None and len(caption_ids) != pixels.shape[0]:
             raise ValueError(f"{len(caption_ids)} captions for {pixels.shape[0]} images")
+        pixels = augment_images(pixels.to(device), config.flip, config.max_shift)
+        lr = config.lr * lr_scale(
+            self.global_step, progress, config.warmup_steps, config.min_lr_ratio
+        )
+        for optimiser in (self.generator_opt, self.discriminator_opt):
+            for group in optimiser.param_groups:
+                group["lr"] = lr
         self.tokenizer.train()
         self.text_encoder.train()
         recon, quantized, pooled = self.tokenizer(pixels)
@@ -153,4 +202,4 @@ class ImageTokenizerTrainer:
         values = torch.stack(terms).detach().tolist()  # one device sync, not one per term
         names = ("loss", "rec", "vq", "gan_g", "gan_d", "sem", "perplexity")
         metrics = dict(zip(names, values, strict=True))
-        return {**metrics, "usage": float(quantized.usage)}
+        return {**metrics, "usage": float(quantized.usage), "lr": lr}

@@ -21,12 +21,13 @@ from tqdm import tqdm
 
 from tokenization.audio import AudioTokenizer, pad_mels
 from tokenization.audio_trainer import AudioTokenizerTrainer, AudioTrainerConfig, mel_l1
+from tokenization.baselines import image_scores
 from tokenization.image import ImageTokenizer
-from tokenization.image_trainer import ImageTokenizerTrainer, ImageTrainerConfig, psnr
+from tokenization.image_trainer import ImageTokenizerTrainer, ImageTrainerConfig
 from tokenization.text import TextTokenizer
 
 MetricsLogger = Callable[[dict[str, float], int], None]
-StepFunction = Callable[[list[int]], dict[str, float]]
+StepFunction = Callable[[list[int], float], dict[str, float]]  # (indices, progress) -> metrics
 
 
 @dataclass
@@ -47,7 +48,7 @@ class AudioSample:
 
 @dataclass
 class WarmupData:
-    """Media for the warm-up, split by document into training and held-out sets."""
+    """Media for the warm-up, split by content (a medium is on one side wherever it occurs)."""
 
     texts: list[str] = field(default_factory=list)
     train_images: list[ImageSample] = field(default_factory=list)
@@ -69,6 +70,14 @@ def _batches(count: int, size: int, steps: int, seed: int) -> list[list[int]]:
     return batches
 
 
+def distinct(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors without repeats (a clip used by several documents counts once)."""
+    seen: dict[bytes, torch.Tensor] = {}
+    for tensor in tensors:
+        seen.setdefault(tensor.cpu().numpy().tobytes(), tensor)
+    return list(seen.values())
+
+
 def _caption_ids(text: TextTokenizer, captions: Sequence[str | None]) -> list[list[int]] | None:
     if any(c is None for c in captions):
         return None
@@ -79,20 +88,22 @@ def _caption_ids(text: TextTokenizer, captions: Sequence[str | None]) -> list[li
 def evaluate_images(
     tokenizer: ImageTokenizer, samples: Sequence[ImageSample], batch: int = 32
 ) -> dict[str, float]:
-    """Mean PSNR (dB) of decode(encode(x)) against x, and the share of codes used."""
+    """Mean PSNR (dB) and SSIM of decode(encode(x)) against x, and the share of codes used."""
     if not samples:
         return {}
     device = next(tokenizer.parameters()).device
     tokenizer.eval()
-    scores, codes = [], set()
+    psnrs, ssims, codes = [], [], set()
     for start in range(0, len(samples), batch):
         pixels = torch.stack([s.pixels for s in samples[start : start + batch]]).to(device)
         ids = tokenizer.encode(pixels)
         codes.update(ids.flatten().tolist())
-        rebuilt = tokenizer.decode(ids)
-        scores += [psnr(rebuilt[i], pixels[i]) for i in range(len(pixels))]
+        scores = image_scores(tokenizer.decode(ids), pixels)
+        psnrs += scores[0]
+        ssims += scores[1]
     return {
-        "image_psnr": float(np.mean(scores)),
+        "image_psnr": float(np.mean(psnrs)),
+        "image_ssim": float(np.mean(ssims)),
         "image_usage": len(codes) / tokenizer.quantizer.vocab_size,
         "image_tokens_per_item": float(tokenizer.tokens_per_image),
     }
@@ -132,13 +143,21 @@ class LoopBudget:
 
 
 def _run_loop(name: str, count: int, budget: LoopBudget, step: StepFunction) -> int:
-    """Call ``step`` on batches of sample indices within the budget; returns steps done."""
+    """Call ``step`` on batches of sample indices within the budget; returns steps done.
+
+    ``step`` also gets the share of the budget spent, steps or seconds, whichever is
+    further along, so a learning-rate schedule ends on time when the clock decides.
+    """
     done = 0
     batches = _batches(count, budget.batch, budget.steps, budget.seed) if count else []
+    started = time.monotonic()
+    seconds = budget.deadline - started
     for index, indices in enumerate(tqdm(batches, desc=name)):
-        if time.monotonic() > budget.deadline:
+        now = time.monotonic()
+        if now > budget.deadline:
             break
-        metrics = step(indices)
+        progress = max(index / budget.steps, (now - started) / seconds if seconds > 0 else 1.0)
+        metrics = step(indices, progress)
         done = index + 1
         if index % budget.log_every == 0 or done == budget.steps:
             budget.log({f"{name}/{key}": value for key, value in metrics.items()}, index)
@@ -152,14 +171,20 @@ def train_images(
     text: TextTokenizer,
     budget: LoopBudget,
 ) -> int:
-    """Warm the image tokenizer up (reconstruction, VQ, GAN, caption contrast); steps done."""
+    """Warm the image tokenizer up (reconstruction, VQ, GAN, caption contrast); steps done.
+
+    With training images, the tokenizer first starts from the data
+    (:meth:`ImageTokenizer.initialise`: PCA, k-means and least-squares fits, seconds).
+    """
     trainer = ImageTokenizerTrainer(tokenizer, config)
     device = next(tokenizer.parameters()).device
+    if samples and budget.steps:
+        tokenizer.initialise(torch.stack(distinct([s.pixels for s in samples])), seed=budget.seed)
 
-    def step(indices: list[int]) -> dict[str, float]:
+    def step(indices: list[int], progress: float) -> dict[str, float]:
         chosen = [samples[i] for i in indices]
         pixels = torch.stack([s.pixels for s in chosen]).to(device)
-        return trainer.step(pixels, _caption_ids(text, [s.caption for s in chosen]))
+        return trainer.step(pixels, _caption_ids(text, [s.caption for s in chosen]), progress)
 
     return _run_loop("image", len(samples), budget, step)
 
@@ -171,14 +196,21 @@ def train_audio(
     text: TextTokenizer,
     budget: LoopBudget,
 ) -> int:
-    """Warm the audio tokenizer up (mel reconstruction, VQ, transcript alignment); steps done."""
+    """Warm the audio tokenizer up (mel reconstruction, VQ, transcript alignment); steps done.
+
+    With training clips, the tokenizer first starts from the data
+    (:meth:`AudioTokenizer.initialise`: PCA, k-means and least-squares fits, seconds).
+    """
     trainer = AudioTokenizerTrainer(tokenizer, config)
     device = next(tokenizer.parameters()).device
+    if samples and budget.steps:
+        tokenizer.initialise(distinct([s.mel for s in samples]), seed=budget.seed)
 
-    def step(indices: list[int]) -> dict[str, float]:
+    def step(indices: list[int], progress: float) -> dict[str, float]:
         chosen = [samples[i] for i in indices]
         mels, lengths = pad_mels([s.mel.to(device) for s in chosen])
-        return trainer.step(mels, lengths, _caption_ids(text, [s.transcript for s in chosen]))
+        ids = _caption_ids(text, [s.transcript for s in chosen])
+        return trainer.step(mels, lengths, ids, progress)
 
     return _run_loop("audio", len(samples), budget, step)
 
