@@ -90,7 +90,7 @@ def config_for(workspace: Path, args: argparse.Namespace, weighting: str) -> Any
     if args.buckets != "all":
         weights = ", ".join(f"{b}: 1.0" for b in args.buckets.split(","))
         overrides.append(f"train.bucket_weights={{{weights}}}")
-    return pipeline_config(workspace, overrides)
+    return pipeline_config(workspace, [*overrides, *args.set])
 
 
 def median(values: list[float]) -> float:
@@ -381,6 +381,10 @@ def main() -> None:
         default=True,
         help="also time the trainer's parts in this process, step-interleaved (CPU seconds)",
     )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="more config overrides, e.g. train.zero_stage=0 (repeatable)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS / "trainer_overhead.json")
     args = parser.parse_args()
     if args.warmup < 1:
