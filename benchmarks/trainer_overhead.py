@@ -242,30 +242,16 @@ def local_trainer(config: Any, inputs: Any) -> Any:
     as rank 0 of 1 (the gloo group must exist), logging to an MLflow run in the workspace."""
     from infra.storage import Storage, join
     from infra.tracking import open_experiment, tracking_uri
-    from pipelines.train.stage import _create_run, _fingerprints, _model_config
+    from pipelines.train.stage import create_run, worker_plan
     from training.run_control import RunControl
-    from training.train_loop import Trainer, WorkerPlan, _cpu_collectives
+    from training.train_loop import Trainer, _cpu_collectives
 
     workspace = str(Path(config.workspace).absolute())
     client, experiment = open_experiment(config.mlflow, workspace)
-    run_id = _create_run(client, experiment, config, inputs)
+    run_id = create_run(client, experiment, config, inputs)
     run_dir = join(join(workspace, "checkpoints"), run_id)
-    plan = WorkerPlan(
-        run_id=run_id,
-        tracking_uri=tracking_uri(config.mlflow, workspace),
-        owner=RunControl(Storage(config.storage), run_dir).claim(),
-        run_dir=run_dir,
-        storage=config.storage.model_dump(mode="json"),
-        model=_model_config(config.model).model_dump(mode="json"),
-        objective=config.model.objective,
-        path=config.model.path.model_dump(mode="json"),
-        layout=inputs.layout,
-        codebooks=inputs.codebooks,
-        train=config.train.model_dump(mode="json"),
-        shards=inputs.shards,
-        weights=inputs.weights,
-        fingerprints=_fingerprints(config, inputs),
-    )
+    plan = worker_plan(config, inputs, run_id, run_dir, tracking_uri(config.mlflow, workspace),
+                       RunControl(Storage(config.storage), run_dir).claim())  # fmt: skip
     _cpu_collectives()
     trainer = Trainer(plan, 0, 1)
     trainer.setup()

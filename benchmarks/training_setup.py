@@ -98,12 +98,12 @@ def train_inputs(config: PipelineConfig) -> TrainInputs:
 
 def build_objective(config: PipelineConfig, inputs: TrainInputs) -> Objective:
     """The trainer's ``Objective`` around a fresh ``OmniModel``, seeded as the trainer seeds it."""
-    from pipelines.train.stage import _model_config  # imports DeepSpeed: only when needed
+    from pipelines.train.stage import model_config  # imports DeepSpeed: only when needed
 
     torch.manual_seed(config.train.seed)
     layout = VocabLayout(**inputs.layout)
     codebooks = {m: torch.from_numpy(np.asarray(inputs.codebooks[m])) for m in MEDIA}
-    model_config = ModelConfig.model_validate(_model_config(config.model).model_dump(mode="json"))
+    model_config = ModelConfig.model_validate(model_config(config.model).model_dump(mode="json"))
     model = OmniModel(model_config, layout, codebooks)
     path_cfg = PathConfig.model_validate(config.model.path.model_dump(mode="json"))
     path = None

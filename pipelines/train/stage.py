@@ -120,30 +120,14 @@ def run(
             run_id, resume_step = resume, latest_complete(storage, join(root, resume))
             client.update_run(run_id, status="RUNNING")
         else:
-            run_id, resume_step = _create_run(client, experiment_id, config, inputs), None
+            run_id, resume_step = create_run(client, experiment_id, config, inputs), None
         run_dir = join(root, run_id)
         write_marker(storage, stage_dir, RUNNING,
                      {"stage": STAGE, "fingerprint": stage_print, "run_id": run_id})  # fmt: skip
         control = RunControl(storage, run_dir)
         owner = control.claim()
-        plan = WorkerPlan(
-            run_id=run_id,
-            tracking_uri=uri,
-            owner=owner,
-            run_dir=run_dir,
-            storage=config.storage.model_dump(mode="json"),
-            model=_model_config(config.model).model_dump(mode="json"),
-            objective=config.model.objective,
-            path=config.model.path.model_dump(mode="json"),
-            layout=inputs.layout,
-            codebooks=inputs.codebooks,
-            train=config.train.model_dump(mode="json"),
-            shards=inputs.shards,
-            weights=inputs.weights,
-            fingerprints=_fingerprints(config, inputs),
-            resume_step=resume_step,
-            last_logged_step=_last_logged_step(client, run_id) if resume else 0,
-        )
+        plan = worker_plan(config, inputs, run_id, run_dir, uri, owner, resume_step,
+                           _last_logged_step(client, run_id) if resume else 0)  # fmt: skip
         with _stop_on_signals(control, owner) as stopping:
             try:
                 _fit(config.train, plan)
@@ -212,7 +196,39 @@ def _local_store_exists(workspace: str) -> bool:
     return not is_remote(workspace) and (Path(workspace) / "mlflow" / "mlflow.db").is_file()
 
 
-def _model_config(section: ModelSection) -> Any:
+def worker_plan(
+    config: PipelineConfig,
+    inputs: TrainInputs,
+    run_id: str,
+    run_dir: str,
+    uri: str,
+    owner: str,
+    resume_step: int | None = None,
+    last_logged_step: int = 0,
+) -> WorkerPlan:
+    """What every training worker is given for ``run_id``: the whole plan, JSON-safe."""
+    return WorkerPlan(
+        run_id=run_id,
+        tracking_uri=uri,
+        owner=owner,
+        run_dir=run_dir,
+        storage=config.storage.model_dump(mode="json"),
+        model=model_config(config.model).model_dump(mode="json"),
+        objective=config.model.objective,
+        path=config.model.path.model_dump(mode="json"),
+        layout=inputs.layout,
+        codebooks=inputs.codebooks,
+        train=config.train.model_dump(mode="json"),
+        shards=inputs.shards,
+        weights=inputs.weights,
+        fingerprints=_fingerprints(config, inputs),
+        resume_step=resume_step,
+        last_logged_step=last_logged_step,
+    )
+
+
+def model_config(section: ModelSection) -> Any:
+    """The model preset of ``section.size`` with the section's own settings applied."""
     model = load_model_config(section.size)
     return model.model_copy(
         update={
@@ -224,7 +240,7 @@ def _model_config(section: ModelSection) -> Any:
 
 def _check_model(config: PipelineConfig) -> None:
     try:
-        _model_config(config.model)
+        model_config(config.model)
     except (KeyError, FileNotFoundError, ConfigError) as error:
         raise ConfigError(f"model.size: {error}") from None
     pretrained = config.model.pretrained
@@ -301,9 +317,7 @@ def _git_commit() -> str:
     return done.stdout.strip() or "unknown"
 
 
-def _create_run(
-    client: Any, experiment_id: str, config: PipelineConfig, inputs: TrainInputs
-) -> str:
+def create_run(client: Any, experiment_id: str, config: PipelineConfig, inputs: TrainInputs) -> str:
     prints = _fingerprints(config, inputs)
     tags = {
         "omni.stage": STAGE,

@@ -13,7 +13,7 @@ from infra.tracking import open_experiment
 from pipelines.cli import app
 from pipelines.config import PipelineConfig
 from pipelines.train.inputs import TrainInputs
-from pipelines.train.stage import _create_run
+from pipelines.train.stage import create_run
 from tests.pipelines.test_cli import plain
 from training.train_config import ModelSection, TrainConfig
 
@@ -71,7 +71,7 @@ def logged_run(tmp_path: Path, **train: object) -> str:
     config = PipelineConfig.model_validate(data)
     client, experiment = open_experiment(config.mlflow, config.workspace)
     inputs = TrainInputs({}, {}, {}, {"image": np.zeros(1)}, "data", "layout")
-    return _create_run(client, experiment, config, inputs)
+    return create_run(client, experiment, config, inputs)
 
 
 def test_resume_refuses_a_contradicting_set_and_a_run_without_checkpoint(tmp_path: Path) -> None:
