@@ -47,7 +47,7 @@ from training.checkpointing import (
     set_rng_state,
     step_name,
 )
-from training.deepspeed_config import deepspeed_config
+from training.deepspeed_config import deepspeed_config, trainer_clips
 from training.dfm import PathConfig, build_path
 from training.gradnorm import FixedWeights, GradNorm
 from training.learning_rate import lr_lambda
@@ -161,13 +161,21 @@ class Trainer:
             self._param_groups(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        ds_config = deepspeed_config(cfg, self.world)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.objective,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, self.world),
+            config=ds_config,
             dist_init_required=False,
         )
+        self.zero_stage = self.engine.zero_optimization_stage()
+        self.clip_here = trainer_clips(ds_config) and cfg.grad_clip > 0
+        self.grad_norm: float | None = None
+        if self.world == 1:
+            # An all-reduce over one rank is the identity, yet DeepSpeed would still flatten
+            # and copy every gradient into a bucket for it.
+            self.engine.enable_backward_allreduce = False
         self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine(None)
         terms = [t for t in LOSS_TERMS if plan.objective == "dfm" or t == "ce"]
         initial = {t: cfg.loss_weights[t] for t in terms}
@@ -208,6 +216,11 @@ class Trainer:
             if self.rank == 0
             else None
         )
+        if self.log is not None:
+            self.log.set_tag("deepspeed.zero_stage", str(self.zero_stage))
+            if self.zero_stage != cfg.zero_stage:
+                log.info("one rank: ZeRO stage %d partitions nothing, DeepSpeed runs at stage "
+                         "%d", cfg.zero_stage, self.zero_stage)  # fmt: skip
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: no weight decay on biases, norms and 1-d parameters."""
@@ -330,7 +343,7 @@ class Trainer:
             "train/step_seconds": seconds,
             "train/data_wait_fraction": tail[-1] / self.world / seconds,
         }
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.grad_norm if self.clip_here else self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
         metrics.update({f"train/loss_{t}": v for t, v in losses.items()})
@@ -367,6 +380,9 @@ class Trainer:
         if isinstance(self.weighting, GradNorm) and terms:
             self._measure_gradients(item, hidden, totals, squares)
         self.engine.backward(loss)
+        if self.clip_here and self.engine.is_gradient_accumulation_boundary():
+            params = self.engine.module.parameters()
+            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
         self.engine.step()
         for term, value in terms.items():
             sums[term] += float(value.detach()) / totals[term]
@@ -389,7 +405,7 @@ class Trainer:
 
     def _gathered_heads(self) -> AbstractContextManager[Any]:
         """Under ZeRO-3 the heads' weights are partitioned: gather them to read them."""
-        if self.cfg.zero_stage != 3:
+        if self.zero_stage != 3:
             return nullcontext()
         import deepspeed
 
@@ -431,7 +447,7 @@ class Trainer:
 
     def _save_consolidated(self, folder: Path) -> None:
         """``OmniModel.save`` of the full weights (gathered first under ZeRO-3), rank 0 writes."""
-        if self.cfg.zero_stage == 3:
+        if self.zero_stage == 3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(

@@ -264,7 +264,11 @@ def test_s3_workspace_checkpoints_and_resume(
     assert losses(tracking, report.run_id) == expected
     storage = train_stage.stage.Storage(config.storage)
     assert complete_steps(storage, f"s3://train-bucket/{prefix}") == [2, 4]
-    assert tracking.get_run(report.run_id).data.tags["model.objective"] == "ar"
+    run = tracking.get_run(report.run_id).data
+    assert run.tags["model.objective"] == "ar"
+    # One worker: DeepSpeed at stage 0, the trainer clips and logs the norm every step.
+    assert run.tags["deepspeed.zero_stage"] == "0"
+    assert len(tracking.get_metric_history(report.run_id, "train/grad_norm")) == 4
 
 
 def test_two_node_cluster_trains(tokens_workspace: Path, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from training.checkpointing import (
     rng_state,
     set_rng_state,
 )
-from training.deepspeed_config import deepspeed_config
+from training.deepspeed_config import deepspeed_config, trainer_clips
 from training.dfm import PathConfig, build_path
 from training.gradnorm import FixedWeights, GradNorm
 from training.learning_rate import lr_lambda
@@ -279,11 +279,28 @@ def test_deepspeed_config_is_filled_from_train(tmp_path: Path) -> None:
     assert filled["gradient_clipping"] == 0.5
     assert filled["bf16"]["enabled"] is False
     assert filled["zero_optimization"]["stage"] == 2
-    assert deepspeed_config(TrainConfig(zero_stage=3), 1)["zero_optimization"]["stage"] == 3
+    assert not trainer_clips(filled)
+    assert deepspeed_config(TrainConfig(zero_stage=3), 2)["zero_optimization"]["stage"] == 3
     template = tmp_path / "ds.json"
     template.write_text(json.dumps({"gradient_accumulation_steps": 8}))
     with pytest.raises(ValueError, match="train.grad_accum"):
         deepspeed_config(TrainConfig(grad_accum=2, deepspeed_template=str(template)), 1)
+
+
+def test_one_rank_runs_deepspeed_at_stage_0_unless_it_offloads() -> None:
+    """ZeRO over one rank partitions nothing; at stage 0 in fp32 the trainer clips."""
+    for stage in (1, 2, 3):
+        one = deepspeed_config(TrainConfig(zero_stage=stage, grad_clip=0.5), 1)
+        assert one["zero_optimization"]["stage"] == 0
+        assert trainer_clips(one) and one["gradient_clipping"] == 0.0
+    offload = deepspeed_config(TrainConfig(zero_stage=3, cpu_offload=True, grad_clip=0.5), 1)
+    assert offload["zero_optimization"]["stage"] == 3 and offload["gradient_clipping"] == 0.5
+    assert not trainer_clips(offload)
+    # bf16 at stage 0 goes through DeepSpeed's bf16 optimizer, which clips and reports.
+    gpu = deepspeed_config(TrainConfig(zero_stage=0, use_gpu=True, grad_clip=0.5), 2)
+    assert not trainer_clips(gpu) and gpu["gradient_clipping"] == 0.5
+    cpu = deepspeed_config(TrainConfig(zero_stage=0, grad_clip=0.5), 2)
+    assert trainer_clips(cpu) and cpu["gradient_clipping"] == 0.0
 
 
 # ---------------------------------------------------------------------------- checkpoints
