@@ -7,8 +7,10 @@ starves the stages themselves, so both are bounded here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 import ray
 from pydantic import Field
@@ -55,3 +57,14 @@ def disconnect(started: bool) -> None:
     """Shut Ray down only if :func:`connect` started the connection."""
     if started and ray.is_initialized():
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def session(config: RayConfig) -> Iterator[None]:
+    """One connection for a block of work: stages inside it reuse it instead of starting
+    and stopping Ray each (see :func:`connect`)."""
+    started = connect(config)
+    try:
+        yield
+    finally:
+        disconnect(started)

@@ -180,7 +180,15 @@ def _train_user_errors() -> tuple[type[BaseException], ...]:
 def pipeline_stages() -> list[Stage]:
     """The real stages, in DAG order."""
     return [
-        Stage("shard", (), _run_shard, "shards", _shard_fingerprint, _describe_shard),
+        Stage(
+            "shard",
+            (),
+            _run_shard,
+            "shards",
+            _shard_fingerprint,
+            _describe_shard,
+            uses_ray=True,
+        ),
         Stage(
             "tokenizers",
             ("shard",),
@@ -196,6 +204,7 @@ def pipeline_stages() -> list[Stage]:
             "tokens",
             _pretokenize_fingerprint,
             _describe_pretokenize,
+            uses_ray=True,
         ),
         Stage(
             "train",
@@ -205,6 +214,7 @@ def pipeline_stages() -> list[Stage]:
             _train_fingerprint,
             _describe_train,
             user_errors=_train_user_errors,
+            uses_ray=True,
         ),
         Stage(
             "eval",

@@ -57,6 +57,7 @@ class Stage:
     None). ``available``: why the stage's code cannot run here (not built yet), or None.
     ``user_errors``: the stage's own error classes that no retry can fix, besides
     :data:`USER_ERRORS` (a callable, so the stage module is imported only on failure).
+    ``uses_ray``: the stage runs Ray work (it then shares the workflow's Ray session).
     """
 
     name: str
@@ -67,6 +68,7 @@ class Stage:
     describe: Callable[[dict[str, Any] | None, Any], str] = lambda marker, report: ""
     available: Callable[[], str | None] = lambda: None  # why the stage cannot run, or None
     user_errors: Callable[[], tuple[type[BaseException], ...]] = tuple
+    uses_ray: bool = False
 
 
 @dataclass
@@ -286,12 +288,14 @@ def run(
     start: str | None = None,
     only: str | None = None,
     sleep: Callable[[float], None] = time.sleep,
-    before_first_run: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+    ray_session: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> WorkflowReport:
     """Run the planned stages in order; stop at the first stage that fails for good.
 
-    ``before_first_run`` (e.g. a Ray connection shared by the stages) is entered only
-    when some stage actually runs, so a pipeline that is all done starts nothing.
+    ``ray_session`` (one Ray connection for every stage that uses Ray) is entered before
+    the first such stage runs, so a pipeline that is all done starts nothing. Ray in one
+    process does not survive being shut down and started again while threads of the
+    last session remain (ray-project/ray#31145: a segfault, here at interpreter exit).
     """
     started = time.time()
     storage = Storage(config.storage)
@@ -311,8 +315,8 @@ def run(
                 status = {"skip": "skipped"}.get(step.action, step.action)
                 outcomes.append(StageOutcome(stage.name, status, step.reason))
                 continue
-            if before_first_run is not None and not entered:
-                resources.enter_context(before_first_run())
+            if ray_session is not None and stage.uses_ray and not entered:
+                resources.enter_context(ray_session())
                 entered = True
             outcomes.append(_attempt(config, stages, stage, storage, workspace, step, sleep))
     markers = read_markers(config, stages, storage)

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from infra import ray_runtime
 from infra.config import ConfigError, redact_uri
 from infra.storage import Storage, StorageError
 from pipelines.config import load_pipeline_config
@@ -120,7 +121,8 @@ def render_summary(report: WorkflowReport, config: PipelineConfig) -> None:
 def execute(config: PipelineConfig, start: str | None = None, only: str | None = None) -> int:
     """Run the workflow, print its summary, return the exit code."""
     try:
-        report = run(config, pipeline_stages(), start=start, only=only)
+        report = run(config, pipeline_stages(), start=start, only=only,
+                     ray_session=lambda: ray_runtime.session(config.ray))  # fmt: skip
     except ConfigError as exc:
         errors.print(f"error: {exc}", highlight=False, soft_wrap=True)
         return 2

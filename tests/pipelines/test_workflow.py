@@ -6,7 +6,10 @@ chains its parameter and its upstream fingerprints, as the real stages do.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -112,6 +115,28 @@ def test_a_changed_stage_invalidates_everything_below_it(toy: ToyPipeline) -> No
     assert toy.calls == ["b", "c"]
     assert statuses(report) == {"a": "skipped", "b": "done", "c": "done"}
     assert [p.action for p in workflow.plan(toy.config, toy.stages, storage)] == ["skip"] * 3
+
+
+def test_stages_that_use_ray_share_one_session_opened_only_when_needed(
+    toy: ToyPipeline,
+) -> None:
+    """Ray restarted in one process segfaults at exit (ray-project/ray#31145): one session."""
+    toy.stages = [dataclasses.replace(s, uses_ray=s.name != "a") for s in toy.stages]
+
+    @contextlib.contextmanager
+    def session() -> Iterator[None]:
+        toy.calls.append("ray up")
+        yield
+        toy.calls.append("ray down")
+
+    toy.run(ray_session=session)
+    assert toy.calls == ["a", "ray up", "b", "c", "ray down"]
+    toy.calls.clear()
+    toy.run(ray_session=session)  # all done: nothing starts Ray
+    assert toy.calls == []
+    toy.config.params["a"] = 2
+    toy.run(ray_session=session, only="a")
+    assert toy.calls == ["a"]
 
 
 def test_a_transient_error_is_retried_with_backoff(toy: ToyPipeline) -> None:
