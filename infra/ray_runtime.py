@@ -49,24 +49,8 @@ def connect(config: RayConfig) -> bool:
         include_dashboard=config.include_dashboard,
         logging_level=logging.WARNING,
         log_to_driver=True,
-        runtime_env=None
-        if config.include_dashboard
-        else {"worker_process_setup_hook": f"{__name__}.{quiet_state_api_warning.__name__}"},
     )
     return True
-
-
-# Ray Train's placement-group cleaner polls the State API, which the dashboard serves; with
-# the dashboard off it warns about it every second of a training run. On a local instance
-# its job is moot anyway: the placement group goes with the instance when the driver exits.
-_STATE_API_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-
-
-def quiet_state_api_warning() -> None:
-    """Worker setup hook of a local instance without dashboard: drop that one warning."""
-    logging.getLogger(_STATE_API_LOGGER).addFilter(
-        lambda record: "State API may be temporarily unavailable" not in record.getMessage()
-    )
 
 
 def disconnect(started: bool) -> None:
