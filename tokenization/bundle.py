@@ -82,8 +82,9 @@ class Tokenizers:
         """Load from a local folder or, through ``storage``, from ``s3://`` (via a temp copy)."""
         if not is_remote(uri):
             return cls.load(uri, device)
-        scratch = Path(tempfile.mkdtemp(prefix="tokenizers-"))
-        for name in SAVED_FILES:
-            (scratch / name).parent.mkdir(parents=True, exist_ok=True)
-            (scratch / name).write_bytes(storage.read_bytes(join(uri, name)))
-        return cls.load(scratch, device)
+        with tempfile.TemporaryDirectory(prefix="tokenizers-") as folder:
+            scratch = Path(folder)
+            for name in SAVED_FILES:
+                (scratch / name).parent.mkdir(parents=True, exist_ok=True)
+                (scratch / name).write_bytes(storage.read_bytes(join(uri, name)))
+            return cls.load(scratch, device)

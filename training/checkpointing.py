@@ -186,6 +186,14 @@ class CheckpointWriter:
             error, self._error = self._error, None
             raise RuntimeError(f"checkpoint upload failed: {error}") from error
 
+    def close(self) -> None:
+        """Drop the staging folder (an upload still running is waited for, its error not
+        raised: :meth:`wait` reports errors; this runs on every exit)."""
+        if self._upload is not None:
+            self._upload.join()
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
     def local_step_dir(self, step: int) -> Path:
         folder = self.local_run_dir() / step_name(step)
         folder.mkdir(parents=True, exist_ok=True)

@@ -238,19 +238,20 @@ class Trainer:
         """Load the checkpoint ``plan.resume_step``: engine, rank state, RNG, loss weights."""
         step = self.plan.resume_step
         uri = join(self.plan.run_dir, step_name(step))
-        scratch = Path(tempfile.mkdtemp(prefix="omni-resume-"))
-        local = fetch_local(self.storage, uri, scratch)
-        self.engine.load_checkpoint(
-            str(local.parent), tag=local.name, load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )  # fmt: skip
-        trainer = json.loads((local / TRAINER_STATE).read_text())
+        # From s3:// the copy is the whole checkpoint (optimizer states included): gone after.
+        with tempfile.TemporaryDirectory(prefix="omni-resume-") as scratch:
+            local = fetch_local(self.storage, uri, Path(scratch))
+            self.engine.load_checkpoint(
+                str(local.parent), tag=local.name, load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )  # fmt: skip
+            trainer = json.loads((local / TRAINER_STATE).read_text())
+            mine = json.loads((local / rank_file(self.rank)).read_text())
         if trainer["world"] != self.world:
             raise ValueError(
                 f"checkpoint {uri} was written by {trainer['world']} workers, this run has "
                 f"{self.world}: resume with train.num_workers={trainer['world']}"
             )
-        mine = json.loads((local / rank_file(self.rank)).read_text())
         set_rng_state(mine["rng"])
         self.weighting.load_state_dict(trainer["weighting"])
         self.step = int(trainer["step"])
@@ -277,6 +278,7 @@ class Trainer:
                     break
             self.writer.wait()
         finally:
+            self.writer.close()
             self.source.close()
             if self.log is not None:
                 self.log.close()

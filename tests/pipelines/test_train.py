@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,13 @@ def test_s3_workspace_checkpoints_and_resume(
     mlflow_server: MlflowServer,
     s3_env: str,
 ) -> None:
+    def scratch() -> set[Path]:
+        """Local copies of an s3:// run: staged checkpoints, resumed ones, tokenizers."""
+        temp = Path(tempfile.gettempdir())
+        return {p for pattern in ("omni-ckpt-*", "omni-resume-*", "tokenizers-*")
+                for p in temp.glob(pattern)}  # fmt: skip
+
+    before = scratch()
     upload_folder(moto_server, "train-bucket", "ws/tokens", tokens_workspace / "tokens")
     upload_folder(moto_server, "train-bucket", "ws/tokenizers", tokens_workspace / "tokenizers")
     config = config_for(
@@ -269,6 +277,7 @@ def test_s3_workspace_checkpoints_and_resume(
     # One worker: DeepSpeed at stage 0, the trainer clips and logs the norm every step.
     assert run.tags["deepspeed.zero_stage"] == "0"
     assert len(tracking.get_metric_history(report.run_id, "train/grad_norm")) == 4
+    assert scratch() <= before  # nothing of the run is left in the temp folder
 
 
 def test_two_node_cluster_trains(tokens_workspace: Path, tmp_path: Path) -> None:
