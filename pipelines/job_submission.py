@@ -20,6 +20,7 @@ import importlib.metadata
 import json
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -237,7 +238,16 @@ def follow(
         async for lines in client.tail_job_logs(submission_id):
             write(lines)
 
-    asyncio.run(stream())
+    # Ctrl-C must detach even if this process inherited SIGINT blocked or ignored (Ray
+    # starts its processes with SIGINT blocked) or an import replaced the handler: asyncio
+    # only turns SIGINT into KeyboardInterrupt over the default handler.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        asyncio.run(stream())
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def failure_reason(client: JobSubmissionClient, submission_id: str) -> str:
