@@ -18,7 +18,6 @@ rate warms up, then follows a cosine over the warm-up's budget
 from __future__ import annotations
 
 import math
-from itertools import chain
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +32,13 @@ from tokenization.image_trainer import lr_scale
 class AudioTrainerConfig(Section):
     """Optimiser, loss weights and caption decoder of the audio tokenizer warm-up."""
 
-    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate of the tokenizer")
+    caption_learning_rate: float | None = Field(
+        None,
+        gt=0,
+        description="AdamW learning rate of the caption decoder, trained from scratch while "
+        "the tokenizer starts fitted (None = learning_rate)",
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
     warmup_steps: int = Field(20, ge=0, description="steps of linear learning-rate warm-up")
@@ -176,10 +181,15 @@ class AudioTokenizerTrainer:
         self.tokenizer = tokenizer
         self.config = config
         self.caption = CaptionDecoder(tokenizer.config.quantizer.dim, config).to(tokenizer.device)
-        parameters = chain(tokenizer.parameters(), self.caption.parameters())
-        self.trainable = [p for p in parameters if p.requires_grad]
+        caption_lr = config.caption_learning_rate or config.learning_rate
+        groups = [
+            {"params": [p for p in tokenizer.parameters() if p.requires_grad],
+             "base_lr": config.learning_rate},
+            {"params": list(self.caption.parameters()), "base_lr": caption_lr},
+        ]  # fmt: skip
+        self.trainable = [p for group in groups for p in group["params"]]
         self.optimizer = torch.optim.AdamW(
-            self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay
+            groups, lr=config.learning_rate, weight_decay=config.weight_decay
         )
         self.global_step = 0
 
@@ -203,11 +213,10 @@ class AudioTokenizerTrainer:
         clips = [mel[:, : int(n)] for mel, n in zip(mels, lengths, strict=True)]
         mels, lengths = pad_mels(augment_mels(clips, config))
         mels, lengths = mels.to(self.tokenizer.device), lengths.to(self.tokenizer.device)
-        lr = config.learning_rate * lr_scale(
-            self.global_step, progress, config.warmup_steps, config.min_lr_ratio
-        )
+        scale = lr_scale(self.global_step, progress, config.warmup_steps, config.min_lr_ratio)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = group["base_lr"] * scale
+        lr = config.learning_rate * scale
         reconstructed, vq, features, token_lengths = self.tokenizer(mels, lengths)
         reconstruction = masked_mel_l1(reconstructed, mels, lengths)
         loss = config.reconstruction_weight * reconstruction + vq.loss

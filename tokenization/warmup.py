@@ -215,16 +215,24 @@ def train_audio(
     return _run_loop("audio", len(samples), budget, step)
 
 
-@torch.no_grad()
-def reconstruction_grid(tokenizer: ImageTokenizer, samples: Sequence[ImageSample]) -> bytes:
-    """PNG: originals on the top row, their reconstructions below (up to 8 images)."""
-    chosen = samples[:8]
-    device = next(tokenizer.parameters()).device
-    tokenizer.eval()
-    pixels = torch.stack([s.pixels for s in chosen]).to(device)
-    rebuilt = tokenizer.decode(tokenizer.encode(pixels))
-    rows = [torch.cat(list(pixels), dim=-1), torch.cat(list(rebuilt), dim=-1)]
-    grid = (torch.cat(rows, dim=-2).clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy()
+def image_grid(rows: Sequence[torch.Tensor]) -> bytes:
+    """PNG of image rows: each row (N, 3, R, R) in [0, 1] laid side by side, rows stacked."""
+    strips = [torch.cat(list(row.detach().float().cpu()), dim=-1) for row in rows]
+    grid = (torch.cat(strips, dim=-2).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
     buffer = io.BytesIO()
     Image.fromarray(grid).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@torch.no_grad()
+def reconstructions(tokenizer: ImageTokenizer, pixels: torch.Tensor) -> torch.Tensor:
+    """decode(encode(pixels)) for (B, 3, R, R) in [0, 1], on ``pixels``' device."""
+    tokenizer.eval()
+    device = next(tokenizer.parameters()).device
+    return tokenizer.decode(tokenizer.encode(pixels.to(device))).to(pixels.device)
+
+
+def reconstruction_grid(tokenizer: ImageTokenizer, samples: Sequence[ImageSample]) -> bytes:
+    """PNG: originals on the top row, their reconstructions below (up to 8 images)."""
+    pixels = torch.stack([s.pixels for s in samples[:8]])
+    return image_grid([pixels, reconstructions(tokenizer, pixels)])

@@ -331,3 +331,22 @@ def test_a_pickled_whisper_checkpoint_is_refused(tmp_path: Path) -> None:
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(OSError, match="safetensors"):
         AudioTokenizer.from_config(AudioTokenizerConfig(encoder_dir=str(tmp_path), encoder={}))
+
+
+def test_caption_decoder_learns_at_its_own_rate(one_thread) -> None:
+    tokenizer = AudioTokenizer.from_config(tiny_config())
+    config = AudioTrainerConfig(
+        text_vocab_size=8, learning_rate=1e-4, caption_learning_rate=1e-3, warmup_steps=0
+    )
+    trainer = AudioTokenizerTrainer(tokenizer, config)
+    mels, lengths = pad_mels([tokenizer.preprocess(tone(s, 16000), 16000) for s in (0.5, 1.0)])
+    trainer.step(mels, lengths, [[1, 2], [3]], progress=0.5)
+    tokenizer_group, caption_group = trainer.optimizer.param_groups
+    scale = 0.5 * (1 + config.min_lr_ratio)  # the cosine half-way
+    assert tokenizer_group["lr"] == pytest.approx(1e-4 * scale)
+    assert caption_group["lr"] == pytest.approx(1e-3 * scale)
+    assert {id(p) for p in caption_group["params"]} == {id(p) for p in trainer.caption.parameters()}
+    one_rate = config.model_copy(update={"caption_learning_rate": None})
+    same = AudioTokenizerTrainer(tokenizer, one_rate)
+    same.step(mels, lengths, [[1, 2], [3]], progress=0.5)
+    assert [g["lr"] for g in same.optimizer.param_groups] == [pytest.approx(1e-4 * scale)] * 2

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from tokenization.errors import TokenizerInputError
-from tokenization.image import ImageTokenizer, ImageTokenizerConfig
-from tokenization.image_losses import contrastive_loss
+from tokenization.image import ImageTokenizer, ImageTokenizerConfig, _last_layer
+from tokenization.image_losses import contrastive_loss, generator_hinge_loss
 from tokenization.image_trainer import ImageTokenizerTrainer, ImageTrainerConfig, psnr
 from tokenization.quantizer import QuantizerConfig
 
@@ -241,6 +242,30 @@ def test_gan_terms_switch_on_only_after_gan_start_step(corpus: dict[str, torch.T
     assert all(m["gan_g"] == 0.0 for m in history[:2]) and history[2]["gan_g"] != 0.0
     after = list(trainer.discriminator.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(initial, after, strict=True))
+
+
+def test_adaptive_gan_weight_balances_the_gradients_at_the_decoder_output(
+    corpus: dict[str, torch.Tensor],
+) -> None:
+    torch.manual_seed(0)
+    tokenizer = ImageTokenizer.from_config(tiny_config())
+    trainer = fast_trainer(tokenizer, gan_start_step=0)
+    pixels = torch.stack(list(corpus.values())[:4])
+    recon, _, _ = tokenizer(pixels)
+    rec = F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels)
+    gan_g = generator_hinge_loss(trainer.discriminator(recon))
+    weight = trainer._adaptive_weight(rec, gan_g)
+    layer = _last_layer(tokenizer.decoder).weight
+    rec_grad = torch.autograd.grad(rec, layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(weight * gan_g, layer)[0]
+    assert gan_grad.norm() == pytest.approx(float(rec_grad.norm()), rel=1e-3)
+    # the step uses it as lambda_G (reported as gan_weight); without it, the config's
+    for adaptive in (True, False):
+        trainer = fast_trainer(tokenizer, gan_start_step=0, gan_weight=0.5, gan_adaptive=adaptive)
+        metrics = trainer.step(pixels)
+        assert (metrics["gan_weight"] != 0.5) is adaptive
+        total = metrics["rec"] + metrics["vq"] + metrics["gan_weight"] * metrics["gan_g"]
+        assert metrics["loss"] == pytest.approx(total, rel=1e-5)
 
 
 def test_contrastive_loss_separates_matched_from_shuffled_pairs(
