@@ -33,7 +33,7 @@ seconds: where the overhead is, and what GradNorm costs.
 Only the buckets with short sequences (at most 290 positions) are trained by default, so a
 ``small`` step takes seconds on 2 CPUs; ``--buckets all`` adds interleaved and video.
 
-    python benchmarks/trainer_overhead.py [--workspace WS] [--steps 6] [--repeats 1]
+    python benchmarks/trainer_overhead.py [--workspace WS] [--steps 10] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -352,9 +352,9 @@ def main() -> None:
     )
     parser.add_argument("--workspace", type=Path, help="copy tokens/ and tokenizers/ from it")
     parser.add_argument("--size", default="small", help="model preset")
-    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps per run")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each variant")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each variant")
     parser.add_argument("--micro-batch-size", type=int, default=2)
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--cpus", type=int, default=2, help="Ray CPUs, the worker's CPUs")
