@@ -228,7 +228,7 @@ def _to_array(image: Image.Image, side: int) -> np.ndarray:
     return np.asarray(rgb, dtype=np.float32) / 255.0
 
 
-def _last_layer(module: nn.Module) -> nn.Module:
+def output_layer(module: nn.Module) -> nn.Module:
     """The last module with weights: the output layer of an encoder or decoder."""
     return [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))][-1]
 
@@ -315,7 +315,7 @@ class ImageTokenizer(nn.Module):
             _PatchPath(config.downsample, config.latent_dim) if config.patch_path else None
         )
         if self.patches is not None:  # the convs start silent: they learn the residual
-            for layer in (_last_layer(self.encoder), _last_layer(self.decoder)):
+            for layer in (output_layer(self.encoder), output_layer(self.decoder)):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from infra.config import Section
-from tokenization.image import ImageTokenizer, _last_layer
+from tokenization.image import ImageTokenizer, output_layer
 from tokenization.image_losses import (
     CaptionEncoder,
     PatchDiscriminator,
@@ -160,7 +160,7 @@ class ImageTokenizerTrainer:
         """VQGAN's balance (Esser et al. 2021, eq. 7): ``|grad L_R| / |grad L_G|`` at the
         decoder's output layer, so the adversarial term pulls as hard as the reconstruction
         times ``gan_weight`` whatever the two losses' scales."""
-        layer = _last_layer(self.tokenizer.decoder).weight
+        layer = output_layer(self.tokenizer.decoder).weight
         rec_grad = torch.autograd.grad(rec, layer, retain_graph=True)[0]
         gan_grad = torch.autograd.grad(gan_g, layer, retain_graph=True)[0]
         return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()

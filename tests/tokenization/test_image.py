@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tokenization.errors import TokenizerInputError
-from tokenization.image import ImageTokenizer, ImageTokenizerConfig, _last_layer
+from tokenization.image import ImageTokenizer, ImageTokenizerConfig, output_layer
 from tokenization.image_losses import contrastive_loss, generator_hinge_loss
 from tokenization.image_trainer import ImageTokenizerTrainer, ImageTrainerConfig, psnr
 from tokenization.quantizer import QuantizerConfig
@@ -255,7 +255,7 @@ def test_adaptive_gan_weight_balances_the_gradients_at_the_decoder_output(
     rec = F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels)
     gan_g = generator_hinge_loss(trainer.discriminator(recon))
     weight = trainer._adaptive_weight(rec, gan_g)
-    layer = _last_layer(tokenizer.decoder).weight
+    layer = output_layer(tokenizer.decoder).weight
     rec_grad = torch.autograd.grad(rec, layer, retain_graph=True)[0]
     gan_grad = torch.autograd.grad(weight * gan_g, layer)[0]
     assert gan_grad.norm() == pytest.approx(float(rec_grad.norm()), rel=1e-3)
