@@ -35,12 +35,14 @@ class TaskContext:
 
 @dataclass
 class TaskResult:
-    """Metrics (flat names), the ones mirrored into the training run, files, notes."""
+    """Metrics (flat names), the ones mirrored into the training run, files, notes, and
+    the generated ids behind the metrics (to compare two samplers token by token)."""
 
     metrics: dict[str, float] = field(default_factory=dict)
     headline: list[str] = field(default_factory=list)
     artifacts: dict[str, bytes] = field(default_factory=dict)  # "folder/name" -> bytes
     notes: list[str] = field(default_factory=list)
+    outputs: dict[str, list[Tensor]] = field(default_factory=dict)  # name -> local ids/sample
 
 
 def split_sample(sample: TokenSample) -> tuple[Tensor, Tensor]:

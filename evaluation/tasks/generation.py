@@ -91,6 +91,7 @@ def run(context: TaskContext) -> TaskResult:
             )
             references.append(media)
             generated.append(out.responses[0])
+        result.outputs[bucket] = generated
         if target == "image":
             ref = tokenizers.image.decode(torch.stack(references)).cpu()
             gen = tokenizers.image.decode(torch.stack(generated)).cpu()

@@ -36,12 +36,14 @@ def run(context: TaskContext) -> TaskResult:
             result.notes.append(f"{name}: no eval samples in {bucket}, skipped")
             continue
         predictions, references, chosen, reference_lengths = [], [], [], []
+        outputs = result.outputs.setdefault(name, [])
         for chunk in batches(samples, suite.batch_size):
             parts = [split_sample(s) for s in chunk]
             out = generate_batch(
                 loaded, [p[0] for p in parts], "text", context.sampler, seed=suite.seed
             )
             predictions += text.decode_batch([r.tolist() for r in out.responses])
+            outputs += out.responses
             for _, response in parts:
                 references.append(text.decode(response[response < text.vocab_size].tolist()))
                 reference_lengths.append(len(response))  # with its <EOS>
