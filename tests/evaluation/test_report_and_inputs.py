@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import runpy
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,9 @@ from PIL import Image
 
 from evaluation.anytoany import check_task, input_kind
 from evaluation.checkpoint import EvalInputError
-from evaluation.config import EvalConfig
+from evaluation.config import EvalConfig, quick_sampler
 from evaluation.report import category_scores, csv_table, markdown_table, plot_sweep
+from tests.conftest import REPO
 
 ROWS = [
     {"run_id": "a" * 32, "run_name": "dfm", "step": s, "status": "finished",
@@ -73,3 +76,13 @@ def test_the_default_suite_is_always_there() -> None:
         config.suite("nope")
     with pytest.raises(ValueError, match="unknown tasks"):
         EvalConfig.model_validate({"suites": {"x": {"tasks": ["dance"]}}})
+
+
+def test_the_default_sampler_is_the_fastest_quality_preserving_one_measured() -> None:
+    """The default suite's sampler (and so ``omni generate``'s) is the setting that
+    benchmarks/sampler_quality.py last found fastest within the reference's quality."""
+    measured = json.loads((REPO / "benchmarks/results/sampler_quality.json").read_text())
+    benchmark = runpy.run_path(str(REPO / "benchmarks" / "sampler_quality.py"))
+    overrides = benchmark["SETTINGS"][measured["fastest_preserving"]]
+    assert benchmark["sampler_for"](quick_sampler(), overrides, 0.0) == quick_sampler()
+    assert EvalConfig().suite("default").sampler == quick_sampler()
