@@ -4,7 +4,7 @@ Inputs become instructions exactly as pre-tokenisation builds them (``<BOS>`` th
 text, or the wrapped medium ``<BOI> ids <EOI>`` / ``<BOA> .. <EOA>`` / ``<BOV> .. <EOV>``),
 so the model sees at inference what it saw in training. :func:`generate_batch` runs the
 run's own decoder: DFM (the DGS sampler for text, a fixed media canvas for images and
-audio, the adaptive cache of the sampler config) or, for the AR baseline, greedy KV-cached
+audio, the cache and decoding order of the sampler config) or, for the AR baseline, greedy KV-cached
 decoding on the same head groups. Responses come back as *local* ids of the target's
 tokenizer, ready for its ``decode``.
 """

@@ -1,10 +1,10 @@
 """Understanding: image and video captioning (BLEU) and ASR (WER) with the run's sampler.
 
 The instruction of each ``X2text`` eval sample (``<BOS> <BO*> ids <EO*>``) is given to
-:func:`evaluation.anytoany.generate_batch`: DGS picks the text canvas, the adaptive cache
-of the suite's sampler serves the denoising (greedy KV-cached decoding for the AR
-baseline). Also measured: how often the canvas DGS picks lies within one block of the
-reference response padded to the block (for AR, the length it stopped at).
+:func:`evaluation.anytoany.generate_batch`: DGS picks the text canvas, the suite's sampler
+(by default blocks of 32, 4 tokens a step, the active cache) denoises it (greedy KV-cached
+decoding for the AR baseline). Also measured: how often the canvas DGS picks lies within
+one block of the reference response padded to the block (for AR, the length it stopped at).
 """
 
 from __future__ import annotations
