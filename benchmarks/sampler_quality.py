@@ -78,10 +78,15 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    """Share of positions where two lists of generated ids agree; extra length disagrees."""
+Outputs = dict[str, list[torch.Tensor]]  # task output name -> generated ids per sample
+
+
+def agreement(a: Outputs, b: Outputs) -> float:
+    """Share of positions where two runs' generated ids agree, over every output and
+    sample; extra length disagrees."""
     same = total = 0
-    for x, y in zip(a, b, strict=True):
+    pairs = [(x, y) for name in sorted(a) for x, y in zip(a[name], b[name], strict=True)]
+    for x, y in pairs:
         n = min(len(x), len(y))
         same += int((x[:n] == y[:n]).sum())
         total += max(len(x), len(y))
@@ -89,12 +94,12 @@ def agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def evaluate(
-    session: Session, loaded: Any, samples: dict, suite: Any, block: int
-) -> tuple[dict[str, float], dict[str, list[torch.Tensor]]]:
+    loaded: Any, samples: dict, suite: Any, block: int
+) -> tuple[dict[str, float], Outputs]:
     """Metrics and generated ids of the three tasks under ``suite``."""
     context = TaskContext(loaded, suite, samples, block)
     metrics: dict[str, float] = {}
-    outputs: dict[str, list[torch.Tensor]] = {}
+    outputs: Outputs = {}
     for name in TASK_NAMES:
         result = TASKS[name].run(context)
         metrics.update(result.metrics)
@@ -225,7 +230,7 @@ def main() -> None:
         for temperature, seed in [(args.temperature, s) for s in args.seeds] + [(0.0, 0)]:
             sampler = sampler_for(base_suite.sampler, SETTINGS[name], temperature)
             suite = base_suite.model_copy(update={"sampler": sampler, "seed": seed})
-            metrics, outputs = evaluate(session, loaded, samples, suite, block)
+            metrics, outputs = evaluate(loaded, samples, suite, block)
             if temperature == 0.0:
                 run["greedy"], run["greedy_metrics"] = outputs, metrics
             else:
@@ -240,17 +245,13 @@ def main() -> None:
     names = sorted(reference["greedy"])
     for run in runs.values():
         run["agreement"] = [
-            agreement([t for n in names for t in out[n]], [t for n in names for t in ref[n]])
+            agreement(out, ref)
             for out, ref in zip(run["outputs"], reference["outputs"], strict=True)
         ]
-        run["agreement_greedy"] = agreement(
-            [t for n in names for t in run["greedy"][n]],
-            [t for n in names for t in reference["greedy"][n]],
-        )
+        run["agreement_greedy"] = agreement(run["greedy"], reference["greedy"])
     outs = reference["outputs"]
     self_agreement = statistics.fmean(
-        agreement([t for n in names for t in a[n]], [t for n in names for t in b[n]])
-        for a, b in zip(outs, outs[1:] + outs[:1], strict=True)
+        agreement(a, b) for a, b in zip(outs, outs[1:] + outs[:1], strict=True)
     ) if len(outs) > 1 else 1.0  # fmt: skip
 
     table = summarise(runs)
