@@ -199,11 +199,14 @@ def main() -> None:
     audio = AudioTokenizer.from_config(settings.audio)
     video = VideoTokenizer(image, settings.video)
     data, _ = tokenizers_stage.collect(
-        iter(corpus_documents(config)), image, audio, video, settings.warmup.eval_fraction
+        iter(corpus_documents(config)),
+        image,
+        audio,
+        video,
+        0.0 if args.media else settings.warmup.eval_fraction,  # --media: train on everything
+        settings.image_trainer.source_scale,
     )
     if args.media:
-        everything = data.train_images + data.eval_images, data.train_audio + data.eval_audio
-        data.train_images, data.train_audio = everything
         data.eval_images, data.eval_audio, _, _ = tokenizers_stage.read_media(
             args.media, image, audio, video
         )

@@ -116,13 +116,17 @@ def collect(
     audio: AudioTokenizer,
     video: VideoTokenizer,
     eval_fraction: float,
+    source_scale: int = 1,
 ) -> tuple[WarmupData, Counter[str]]:
     """Turn shard documents into warm-up samples; media a tokenizer refuses are counted.
 
     Video frames train the image tokenizer too: a video is tokenized as its frames. A medium
     is held out (by its bytes) wherever it occurs, so no held-out medium is ever trained on.
+    With ``source_scale`` > 1 every training image and frame also keeps a ``source`` at that
+    many times the tokenizer's resolution, for the warm-up's random crops.
     """
     data, rejected = WarmupData(), Counter()
+    side = image.config.resolution * source_scale if source_scale > 1 else None
     for document in documents:
         segments = document["segments"]
         for position, segment in enumerate(segments):
@@ -135,11 +139,22 @@ def collect(
                     data.texts.append(segment["text"])
                 elif kind == "image":
                     pixels = image.preprocess(segment["bytes"])
-                    images.append(ImageSample(pixels, _nearest_text(segments, position)))
+                    source = (
+                        None
+                        if held_out or side is None
+                        else image.preprocess(segment["bytes"], side)
+                    )
+                    images.append(ImageSample(pixels, _nearest_text(segments, position), source))
                 elif kind == "video":
                     caption = _nearest_text(segments, position)
                     frames = read_frames(segment["bytes"], video.frames)
-                    images += [ImageSample(f, caption) for f in video.frames_to_pixels(frames)]
+                    pixels = video.frames_to_pixels(frames)
+                    sources = [None] * len(pixels)
+                    if not held_out and side is not None:
+                        sources = list(video.frames_to_pixels(frames, side))
+                    images += [
+                        ImageSample(f, caption, s) for f, s in zip(pixels, sources, strict=True)
+                    ]
                 elif kind == "audio":
                     mel = audio.preprocess(*decode_audio(segment["bytes"]))
                     clips.append(AudioSample(mel, _nearest_text(segments, position)))
@@ -186,7 +201,12 @@ def run(config: PipelineConfig) -> TokenizersReport:
     audio = AudioTokenizer.from_config(settings.audio).to(device)
     video = VideoTokenizer(image, settings.video)
     data, rejected = collect(
-        _documents(storage, shards_dir), image, audio, video, warmup.eval_fraction
+        _documents(storage, shards_dir),
+        image,
+        audio,
+        video,
+        warmup.eval_fraction,
+        settings.image_trainer.source_scale,
     )
     text = TextTokenizer.from_config(settings.text, data.texts)
     # The caption encoders of the warm-up objectives read the BPE ids just trained.

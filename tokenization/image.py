@@ -355,13 +355,14 @@ class ImageTokenizer(nn.Module):
         """(K * codebook_size, latent_dim / K): the vector each id stands for."""
         return self.quantizer.codebook_vectors()
 
-    def preprocess(self, image: Image.Image | bytes) -> torch.Tensor:
+    def preprocess(self, image: Image.Image | bytes, side: int | None = None) -> torch.Tensor:
         """A Pillow image or encoded bytes -> (3, R, R) float32 in [0, 1] on the CPU.
 
-        Raises TokenizerInputError for undecodable bytes, images with a side below
-        ``min_side`` and modes Pillow cannot turn into RGB.
+        ``side`` overrides R (the warm-up keeps its training images larger, to cut random
+        crops from). Raises TokenizerInputError for undecodable bytes, images with a side
+        below ``min_side`` and modes Pillow cannot turn into RGB.
         """
-        side = self.config.resolution
+        side = side or self.config.resolution
         if isinstance(image, (bytes, bytearray, memoryview)):
             image = _open(bytes(image), side, self.config.min_side)
         else:

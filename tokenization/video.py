@@ -45,7 +45,7 @@ class FrameTokenizer(Protocol):
     @property
     def tokens_per_image(self) -> int: ...
 
-    def preprocess(self, image: Image.Image | bytes) -> torch.Tensor: ...
+    def preprocess(self, image: Image.Image | bytes, side: int | None = None) -> torch.Tensor: ...
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor: ...
 
@@ -125,10 +125,11 @@ class VideoTokenizer:
         """``frames * tokens_per_image`` ids per clip."""
         return self.frames * self.image_tokenizer.tokens_per_image
 
-    def frames_to_pixels(self, frames: np.ndarray) -> torch.Tensor:
-        """(F, H, W, 3) uint8 frames -> (F, 3, R, R) pixels, via the image preprocessing."""
+    def frames_to_pixels(self, frames: np.ndarray, side: int | None = None) -> torch.Tensor:
+        """(F, H, W, 3) uint8 frames -> (F, 3, R, R) pixels, via the image preprocessing
+        (``side`` overrides R as in :meth:`ImageTokenizer.preprocess`)."""
         return torch.stack(
-            [self.image_tokenizer.preprocess(Image.fromarray(frame)) for frame in frames]
+            [self.image_tokenizer.preprocess(Image.fromarray(frame), side) for frame in frames]
         )
 
     def encode(self, videos: list[bytes]) -> torch.Tensor:

@@ -32,10 +32,12 @@ StepFunction = Callable[[list[int], float], dict[str, float]]  # (indices, progr
 
 @dataclass
 class ImageSample:
-    """One training image: ``pixels`` (3, R, R) in [0, 1] and its caption, if any."""
+    """One training image: ``pixels`` (3, R, R) in [0, 1], its caption, if any, and
+    optionally the same image at a higher resolution, (3, S, S), to cut training crops from."""
 
     pixels: torch.Tensor
     caption: str | None = None
+    source: torch.Tensor | None = None
 
 
 @dataclass
@@ -183,7 +185,10 @@ def train_images(
 
     def step(indices: list[int], progress: float) -> dict[str, float]:
         chosen = [samples[i] for i in indices]
-        pixels = torch.stack([s.pixels for s in chosen]).to(device)
+        sources = [s.source for s in chosen]
+        if any(source is None for source in sources):  # crops need every image's source
+            sources = [s.pixels for s in chosen]
+        pixels = torch.stack(sources).to(device)  # type: ignore[arg-type]
         return trainer.step(pixels, _caption_ids(text, [s.caption for s in chosen]), progress)
 
     return _run_loop("image", len(samples), budget, step)

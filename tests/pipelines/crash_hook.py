@@ -32,8 +32,8 @@ def install() -> None:
     media_checks.CHECKS["image"] = check
     original = ImageTokenizer.preprocess
 
-    def preprocess(self: ImageTokenizer, image: Any) -> Any:
+    def preprocess(self: ImageTokenizer, image: Any, side: int | None = None) -> Any:
         _abort_on_poison(image)
-        return original(self, image)
+        return original(self, image, side)
 
     ImageTokenizer.preprocess = preprocess

@@ -17,6 +17,7 @@ from tests.conftest import pipeline_config
 from tokenization.audio import AudioTokenizer, AudioTokenizerConfig
 from tokenization.bundle import Tokenizers
 from tokenization.image import ImageTokenizer, ImageTokenizerConfig
+from tokenization.image_trainer import psnr, random_crops
 from tokenization.video import VideoConfig, VideoTokenizer
 from tokenization.vocab import VocabLayout
 
@@ -147,6 +148,31 @@ def test_a_medium_in_several_documents_is_held_out_everywhere_or_nowhere() -> No
     trained = {s.pixels.numpy().tobytes() for s in data.train_images}
     assert held and trained and not held & trained
     assert len(data.eval_images) == 3 * len(held)
+    assert all(s.source is None for s in data.train_images + data.eval_images)
+
+
+def test_training_images_and_frames_keep_a_larger_source_to_crop_from() -> None:
+    image = ImageTokenizer.from_config(ImageTokenizerConfig(resolution=32, downsample=8))
+    audio = AudioTokenizer.from_config(AudioTokenizerConfig())
+    root = Path(__file__).resolve().parents[2] / IMAGES
+    segments = [
+        {"type": "image", "bytes": (root / name).read_bytes(), "text": None}
+        for name in ("coffee.jpg", "brick.jpg", "moon.jpg", "horse.jpg", "clock.jpg", "coins.jpg")
+    ] + [
+        {"type": "video", "bytes": (root.parent / "video" / "bikes.mp4").read_bytes(), "text": None}
+    ]
+    video = VideoTokenizer(image, VideoConfig(frames=2))
+    data, _ = tokenizers_stage.collect(
+        iter([{"id": "d", "segments": segments}]), image, audio, video, 0.3, source_scale=4
+    )
+    assert data.train_images and data.eval_images
+    assert len(data.train_images) + len(data.eval_images) == 6 + 2  # photos and 2 frames
+    for sample in data.train_images:
+        assert sample.source is not None and sample.source.shape == (3, 128, 128)
+        whole = random_crops(sample.source[None], 32, min_crop=1.0)[0]
+        # the same picture (another one scores ~10 dB); JPEG draft decoding differs by scale
+        assert psnr(whole, sample.pixels) > 22
+    assert all(s.source is None for s in data.eval_images)  # never trained on: no crops
 
 
 def test_train_without_shards_fails_naming_the_step(tmp_path: Path) -> None:

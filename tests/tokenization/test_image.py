@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,14 @@ from PIL import Image
 from tokenization.errors import TokenizerInputError
 from tokenization.image import ImageTokenizer, ImageTokenizerConfig, output_layer
 from tokenization.image_losses import contrastive_loss, generator_hinge_loss
-from tokenization.image_trainer import ImageTokenizerTrainer, ImageTrainerConfig, psnr
+from tokenization.image_trainer import (
+    ImageTokenizerTrainer,
+    ImageTrainerConfig,
+    psnr,
+    random_crops,
+)
 from tokenization.quantizer import QuantizerConfig
+from tokenization.warmup import ImageSample, LoopBudget, train_images
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "examples" / "corpus" / "media" / "images"
@@ -229,6 +236,50 @@ def test_warm_up_improves_held_out_psnr_and_keeps_codes_in_use(
     assert after > before + 3.0, (before, after)
     assert metrics["usage"] > 0.5 and metrics["perplexity"] > 64
     assert metrics["gan_g"] == metrics["gan_d"] == metrics["sem"] == 0.0
+
+
+def test_random_crops_cut_from_the_kept_image_and_a_whole_crop_is_the_tokenizer_view() -> None:
+    tokenizer = ImageTokenizer.from_config(tiny_config())
+    data = (IMAGES / "coffee.jpg").read_bytes()
+    source = tokenizer.preprocess(data, side=256)[None]
+    assert source.shape == (1, 3, 256, 256)
+    whole = random_crops(source, 64, min_crop=1.0)
+    assert psnr(whole, tokenizer.preprocess(data)[None]) > 30  # PIL's and torch's bicubic
+    torch.manual_seed(0)
+    crops = random_crops(source.expand(6, -1, -1, -1), 64, min_crop=0.25)
+    assert crops.shape == (6, 3, 64, 64) and crops.min() >= 0 and crops.max() <= 1
+    assert len({crop.numpy().tobytes() for crop in crops}) == 6
+    assert all(psnr(crop[None], whole) < 25 for crop in crops)  # zoomed in, not the whole
+    pixels = tokenizer.preprocess(data)[None]
+    assert torch.equal(random_crops(pixels, 64, min_crop=0.25), pixels)
+    metrics = fast_trainer(tokenizer).step(source.expand(2, -1, -1, -1))
+    assert np.isfinite(metrics["rec"])
+
+
+@pytest.mark.parametrize("with_sources", [3, 2])
+def test_the_warm_up_steps_on_the_kept_images_when_every_sample_has_one(
+    corpus: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch, with_sources: int
+) -> None:
+    shapes = []
+    monkeypatch.setattr(
+        ImageTokenizerTrainer, "step", lambda self, pixels, *_: shapes.append(pixels.shape) or {}
+    )
+    images = [corpus[name] for name in ("brick", "coffee", "moon")]
+    samples = [
+        ImageSample(image, None, F.interpolate(image[None], 128)[0] if i < with_sources else None)
+        for i, image in enumerate(images)
+    ]
+    quantizer = QuantizerConfig(codebook_size=16, dim=64)
+    budget = LoopBudget(2, 3, 0, time.monotonic() + 600, lambda *_: None, 1)
+    steps = train_images(
+        ImageTokenizer.from_config(tiny_config(quantizer=quantizer)),
+        ImageTrainerConfig(text_vocab_size=256),
+        samples,
+        None,  # type: ignore[arg-type]  # no captions: the text tokenizer is not used
+        budget,
+    )
+    side = 128 if with_sources == 3 else 64  # one sample without a source: no crops at all
+    assert steps == 2 and shapes == [(3, 3, side, side)] * 2
 
 
 def test_gan_terms_switch_on_only_after_gan_start_step(corpus: dict[str, torch.Tensor]) -> None:

@@ -29,9 +29,10 @@ class StandInImageTokenizer:
     def __init__(self) -> None:
         self.encoded_batches: list[int] = []
 
-    def preprocess(self, image: Image.Image | bytes) -> torch.Tensor:
-        """-> (3, 16, 16) in [0, 1]."""
-        pixels = np.asarray(image.convert("RGB").resize((16, 16)), dtype=np.float32) / 255
+    def preprocess(self, image: Image.Image | bytes, side: int | None = None) -> torch.Tensor:
+        """-> (3, side, side) in [0, 1], side 16 by default."""
+        side = side or 16
+        pixels = np.asarray(image.convert("RGB").resize((side, side)), dtype=np.float32) / 255
         return torch.from_numpy(pixels).permute(2, 0, 1)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
