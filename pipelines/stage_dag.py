@@ -144,7 +144,14 @@ def _describe_tokenizers(marker: dict[str, Any] | None, report: Any) -> str:
     if not marker:
         return ""
     steps = ", ".join(f"{k} {v}" for k, v in marker.get("steps", {}).items())
-    return f"vocabulary of {marker['vocab_size']} ids; warm-up steps: {steps or 'none'}"
+    text = f"vocabulary of {marker['vocab_size']} ids; warm-up steps: {steps or 'none'}"
+    after, palette = marker.get("after", {}), marker.get("palette", {})
+    held_out = [
+        f"{label} {after[key]:{fmt}} (palette {palette[key]:{fmt}})"
+        for key, label, fmt in (("image_psnr", "PSNR", ".1f"), ("audio_mel_l1", "mel-L1", ".3f"))
+        if key in after and key in palette
+    ]
+    return text + (f"; held out: {', '.join(held_out)}" if held_out else "")
 
 
 def _describe_pretokenize(marker: dict[str, Any] | None, report: Any) -> str:

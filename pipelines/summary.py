@@ -75,7 +75,8 @@ def quality_table(title: str, columns: dict[str, dict[str, float]]) -> Table:
 
 
 def render_tokenizers_report(report: TokenizersReport, console: Console) -> None:
-    """Data used, steps run and held-out quality before and after the warm-up."""
+    """Data used, steps run and held-out quality before and after the warm-up, beside the
+    palette codec of the same token budget (is the tokenizer worth its decoder?)."""
     status = "skipped (already done)" if report.skipped else "done"
     table = Table(title=f"omni tokenizers train: {status}", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -94,7 +95,10 @@ def render_tokenizers_report(report: TokenizersReport, console: Console) -> None
     table.add_row("seconds", f"{report.seconds:.1f}")
     console.print(table)
     console.print(
-        quality_table("held-out reconstruction", {"before": report.before, "after": report.after})
+        quality_table(
+            "held-out reconstruction",
+            {"before": report.before, "after": report.after, "palette codec": report.palette},
+        )
     )
     for note in report.notes:
         console.print(f"note: {note}")

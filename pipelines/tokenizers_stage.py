@@ -74,6 +74,8 @@ class TokenizersReport:
     steps: dict[str, int] = field(default_factory=dict)
     before: dict[str, float] = field(default_factory=dict)
     after: dict[str, float] = field(default_factory=dict)
+    # the trivial codecs of the same token budget on the same held-out media: the bar
+    palette: dict[str, float] = field(default_factory=dict)
     vocab_size: int = 0
     run_id: str | None = None
     seconds: float = 0.0
@@ -187,6 +189,7 @@ def run(config: PipelineConfig) -> TokenizersReport:
             True,
             before=success["before"],
             after=success["after"],
+            palette=success.get("palette", {}),
             vocab_size=success["vocab_size"],
             run_id=success.get("run_id"),
             seconds=time.time() - started,
@@ -258,6 +261,8 @@ def run(config: PipelineConfig) -> TokenizersReport:
             **evaluate_audio(audio, data.eval_audio),
         }
         tracker.log_metrics({f"after/{k}": v for k, v in report.after.items()}, step=0)
+        report.palette = palette_baseline(data, data.eval_images, data.eval_audio, image, audio)
+        tracker.log_metrics({f"palette/{k}": v for k, v in report.palette.items()}, step=0)
         if data.eval_images:
             tracker.log_bytes(reconstruction_grid(image, data.eval_images), "after.png", "images")
         tokenizers = Tokenizers(text, image.eval(), audio.eval(), video)
@@ -279,6 +284,7 @@ def run(config: PipelineConfig) -> TokenizersReport:
             started,
             before=report.before,
             after=report.after,
+            palette=report.palette,
             steps=report.steps,
             vocab_size=report.vocab_size,
             run_id=report.run_id,
