@@ -29,6 +29,17 @@ class RayConfig(Section):
     include_dashboard: bool = Field(False, description="local only; costs ~1 GiB RSS")
 
 
+# Ray Train's placement-group cleaner asks the State API once a second whether the train
+# controller is alive; without the dashboard (off locally, see RayConfig) there is no State
+# API, and each failed query logged a warning: 70 of `make demo`'s 122 lines of output.
+TRAIN_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_train_cleaner() -> None:
+    """Worker setup hook: drop the cleaner's warnings (its errors still show)."""
+    logging.getLogger(TRAIN_CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
 def connect(config: RayConfig) -> bool:
     """Make sure this process is connected to Ray. Returns True if it started a connection.
 
@@ -49,6 +60,9 @@ def connect(config: RayConfig) -> bool:
         include_dashboard=config.include_dashboard,
         logging_level=logging.WARNING,
         log_to_driver=True,
+        runtime_env=None
+        if config.include_dashboard
+        else {"worker_process_setup_hook": "infra.ray_runtime.quiet_train_cleaner"},
     )
     return True
 
