@@ -16,6 +16,11 @@ into windows of that length and its last window is padded with Whisper's own pad
 the log-mel of digital silence (``peak - 2`` after normalisation). Every window is encoded on
 its own and tokens never straddle windows (``max_source_positions % r == 0``), so a clip's
 ids do not depend on the other clips of its batch.
+
+Encoding (any pass outside training) then re-chooses the nearest codes by what they decode
+to (``code_search`` sweeps of :func:`tokenization.code_search.refine_codes`): 2.5% lower
+mel-L1 on the demo's held-out clips. Training keeps the nearest codes, which the
+straight-through gradient and the EMA codebook are defined on.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from infra.config import Section
+from tokenization.code_search import refine_codes
 from tokenization.errors import TokenizerInputError
 from tokenization.persistence import load_component, save_component
 from tokenization.quantizer import (
@@ -101,6 +107,14 @@ class AudioTokenizerConfig(Section):
         description="a linear path from each token's span of mel frames to its latent and back, "
         "beside the Whisper encoder and the conv decoder; `initialise` sets it to the spans' PCA "
         "so training starts as a k-means codec of mel spans and the networks learn the residual",
+    )
+    code_search: int = Field(
+        2,
+        ge=0,
+        description="sweeps of analysis-by-synthesis over the ids when encoding (not in "
+        "training): each token's code is re-chosen as the one whose decoded spans are closest "
+        "(L1) to the clip's log-mel (tokenization.code_search); 0 = the nearest code, as a "
+        "VQ-VAE. Needs the span path; ignored without it",
     )
     min_seconds: float = Field(
         0.1, ge=0.025, description="shorter clips are rejected (0.025 s = one 400-sample FFT)"
@@ -254,6 +268,11 @@ def _pad_to_spans(mels: torch.Tensor, lengths: torch.Tensor, frames: int) -> tor
     return torch.where(valid, mels, peak - SILENCE_BELOW_PEAK)
 
 
+def _by_span(span: int, x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T * span) -> (B, T, C, span)."""
+    return x.unflatten(-1, (-1, span)).transpose(1, 2)
+
+
 class _SpanPath(nn.Module):
     """Linear maps between a token's span of mel frames (n_mels x span) and its latent:
     ``encode`` (B, n_mels, T * span) -> (B, T, dim), ``decode`` (B, T, dim) -> (B, n_mels,
@@ -280,6 +299,14 @@ class _SpanPath(nn.Module):
 
     def decode(self, vectors: torch.Tensor) -> torch.Tensor:
         return self.decoder(vectors.transpose(1, 2))
+
+    def tables(self, codebook: torch.Tensor) -> torch.Tensor:
+        """Sub-codebooks (K, V, dim / K) -> what each code adds to the span before its token,
+        its own and the one after: (K, V, 3, n_mels, span) (for :func:`refine_codes`)."""
+        weight = self.decoder.weight.detach().float()  # (dim, bins, 3 span): taps by span
+        parts = weight.reshape(codebook.shape[0], codebook.shape[2], *weight.shape[1:])
+        tables = torch.einsum("kvd,kdbj->kvbj", codebook.float(), parts)
+        return tables.unflatten(-1, (3, self.span)).transpose(2, 3)
 
     def _centre(self) -> torch.Tensor:
         """(n_mels * span,): the decoder's per-bin bias repeated over a span (conv order)."""
@@ -375,6 +402,8 @@ class AudioTokenizer(nn.Module):
         config, state = load_component(directory, AudioTokenizerConfig)
         if "patch_path" not in config.model_fields_set:  # saved before the span path existed
             config = config.model_copy(update={"patch_path": False})
+        if "code_search" not in config.model_fields_set:  # saved before the search: its ids
+            config = config.model_copy(update={"code_search": 0})  # stay what they were
         tokenizer = cls.from_config(config)
         tokenizer.load_state_dict(state)
         return tokenizer
@@ -476,8 +505,43 @@ class AudioTokenizer(nn.Module):
         k = self.quantizer.tokens_per_vector
         ids = torch.full((*z.shape[:2], k), -1, dtype=torch.long, device=z.device)
         ids[valid] = out.ids.reshape(-1, k)
+        if self.spans is not None and self.config.code_search and not self.training:
+            ids = self._searched_ids(mels, lengths, ids, quantized)
+            quantized = quantized.new_zeros(z.shape)
+            quantized[valid] = self.quantizer.ids_to_vectors(ids[valid].reshape(1, -1))[0]
         result = QuantizerOutput(quantized, ids.flatten(1), out.loss, out.perplexity, out.usage)
         return result, token_lengths
+
+    @torch.no_grad()
+    def _searched_ids(
+        self, mels: torch.Tensor, lengths: torch.Tensor, ids: torch.Tensor, quantized: torch.Tensor
+    ) -> torch.Tensor:
+        """Nearest-code ids (B, T, K) -> ids refined by :func:`refine_codes` against the
+        log-mels (B, n_mels, F) over each clip's ``lengths`` (B,) frames.
+
+        One clip at a time, cut to its own length, so that a clip's ids do not depend on the
+        batch it is encoded in: padding changes the conv decoder's output near a clip's end,
+        and the batch's shapes the last bits of every sum, and with them the search's choice
+        between near-equal candidates (measured: batched, 2 of 12 demo clips differed)."""
+        span, size = self.config.span, self.config.quantizer.codebook_size
+        tables = self.spans.tables(self.quantizer.codebook)
+        offsets = torch.arange(ids.shape[-1], device=ids.device) * size
+        refined = ids.clone()
+        for row, (frames, positions) in enumerate(
+            zip(lengths.tolist(), self.token_lengths(lengths).tolist(), strict=True)
+        ):
+            mel = mels[row : row + 1, :, :frames]
+            valid = torch.arange(positions * span, device=mels.device) < frames
+            codes = refine_codes(
+                ids[row : row + 1, :positions] - offsets,
+                _by_span(span, self.reconstruct(quantized[row : row + 1, :positions])),
+                _by_span(span, _pad_to_spans(mel, lengths[row : row + 1], positions * span)),
+                _by_span(span, valid[None, None].float()),
+                tables,
+                self.config.code_search,
+            )
+            refined[row, :positions] = codes + offsets
+        return refined
 
     def forward(
         self, mels: torch.Tensor, lengths: torch.Tensor

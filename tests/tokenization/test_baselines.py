@@ -135,6 +135,33 @@ def test_initialised_audio_tokenizer_beats_the_palette_codec_on_held_out_clips()
     assert ours < 0.9 * theirs, (ours, theirs)  # measured: 0.337 against 0.392
 
 
+def test_encoding_searches_the_codes_and_training_keeps_the_nearest() -> None:
+    """Encoding re-chooses codes by their decoded error (tokenization.code_search); the
+    training pass keeps the VQ-VAE's nearest codes, which its straight-through gradient
+    and EMA codebook assume."""
+    torch.manual_seed(0)
+    config = AudioTokenizerConfig(
+        encoder=TINY_WHISPER, latent_dim=16, decoder_channels=8, decoder_blocks=0,
+        quantizer=QuantizerConfig(codebook_size=16, dim=16, ema_decay=0.0),
+    )  # fmt: skip
+    tokenizer = AudioTokenizer.from_config(config)
+    tokenizer.initialise(onset_mels(6), seed=0)
+    held = onset_mels(3, seed=1)
+    ids, errors = {}, {}
+    for sweeps in (0, 2):
+        tokenizer.config = config.model_copy(update={"code_search": sweeps})
+        ids[sweeps] = tokenizer.encode_mels(held)
+        errors[sweeps] = sum(
+            float((tokenizer.decode(i)[:, : m.shape[1]] - m).abs().mean())
+            for i, m in zip(ids[sweeps], held, strict=True)
+        )
+    assert errors[2] < 0.985 * errors[0], errors  # measured: 0.3371 -> 0.3298
+    tokenizer.train()
+    with torch.no_grad():
+        out, _ = tokenizer.quantize(*pad_mels(held[:1]))
+    assert torch.equal(out.ids[0], ids[0][0]) and not torch.equal(ids[0][0], ids[2][0])
+
+
 def test_span_path_latents_skip_a_silent_encoder_without_changing_them() -> None:
     config = AudioTokenizerConfig(encoder=TINY_WHISPER, latent_dim=16, decoder_channels=8,
                                   quantizer=QuantizerConfig(codebook_size=8, dim=16))  # fmt: skip
@@ -181,6 +208,21 @@ def test_tokenizers_saved_before_the_patch_path_load_without_it(tmp_path) -> Non
         tokenizer.save_pretrained(tmp_path / name)
         saved = json.loads((tmp_path / name / "config.json").read_text())
         del saved["patch_path"]  # what a tokenizer saved before the patch path holds
+        saved.pop("code_search", None)  # ... and before the code search
         (tmp_path / name / "config.json").write_text(json.dumps(saved))
         loaded = type(tokenizer).from_pretrained(tmp_path / name)
         assert loaded.config.patch_path is False
+
+
+def test_an_audio_tokenizer_saved_before_the_code_search_encodes_as_it_did(tmp_path) -> None:
+    config = AudioTokenizerConfig(
+        encoder=TINY_WHISPER, latent_dim=16, decoder_channels=8,
+        quantizer=QuantizerConfig(codebook_size=16, dim=16),
+    )  # fmt: skip
+    tokenizer = AudioTokenizer.from_config(config)
+    tokenizer.save_pretrained(tmp_path)
+    assert AudioTokenizer.from_pretrained(tmp_path).config.code_search == 2
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["code_search"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert AudioTokenizer.from_pretrained(tmp_path).config.code_search == 0
