@@ -149,7 +149,8 @@ class Trainer:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         layout = VocabLayout(**plan.layout)
-        codebooks = {m: torch.from_numpy(np.asarray(plan.codebooks[m])) for m in MEDIA}
+        # A copy: arrays from Ray's object store are read-only (torch warns on them).
+        codebooks = {m: torch.tensor(np.asarray(plan.codebooks[m])) for m in MEDIA}
         self.model = OmniModel(ModelConfig.model_validate(plan.model), layout, codebooks)
         path_cfg = PathConfig.model_validate(plan.path)
         path = None
