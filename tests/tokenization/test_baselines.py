@@ -135,6 +135,25 @@ def test_initialised_audio_tokenizer_beats_the_palette_codec_on_held_out_clips()
     assert ours < 0.9 * theirs, (ours, theirs)  # measured: 0.337 against 0.392
 
 
+def test_image_encoding_searches_the_codes_whatever_the_batch() -> None:
+    torch.manual_seed(0)
+    config = ImageTokenizerConfig(
+        resolution=32, channels=[4, 4, 4], latent_dim=16,
+        quantizer=QuantizerConfig(codebook_size=16, dim=16),
+    )  # fmt: skip
+    tokenizer = ImageTokenizer.from_config(config)
+    tokenizer.initialise(smooth_images(24), seed=0)
+    held = smooth_images(6, seed=1)
+    scores = {}
+    for sweeps in (0, 2):
+        tokenizer.config = config.model_copy(update={"code_search": sweeps})
+        ids = tokenizer.encode(held)
+        scores[sweeps] = psnr(tokenizer.decode(ids), held)
+    assert scores[2] > scores[0] + 0.15, scores  # measured: 19.20 -> 19.45 dB
+    alone = torch.cat([tokenizer.encode(image[None]) for image in held])
+    assert torch.equal(alone, ids)
+
+
 def test_encoding_searches_the_codes_and_training_keeps_the_nearest() -> None:
     """Encoding re-chooses codes by their decoded error (tokenization.code_search); the
     training pass keeps the VQ-VAE's nearest codes, which its straight-through gradient
@@ -214,7 +233,7 @@ def test_tokenizers_saved_before_the_patch_path_load_without_it(tmp_path) -> Non
         assert loaded.config.patch_path is False
 
 
-def test_an_audio_tokenizer_saved_before_the_code_search_encodes_as_it_did(tmp_path) -> None:
+def test_tokenizers_saved_before_the_code_search_encode_as_they_did(tmp_path) -> None:
     config = AudioTokenizerConfig(
         encoder=TINY_WHISPER, latent_dim=16, decoder_channels=8,
         quantizer=QuantizerConfig(codebook_size=16, dim=16),
@@ -226,3 +245,13 @@ def test_an_audio_tokenizer_saved_before_the_code_search_encodes_as_it_did(tmp_p
     del saved["code_search"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
     assert AudioTokenizer.from_pretrained(tmp_path).config.code_search == 0
+    image = ImageTokenizer.from_config(
+        ImageTokenizerConfig(resolution=32, channels=[4, 4, 4], latent_dim=16,
+                             quantizer=QuantizerConfig(codebook_size=8, dim=16))
+    )  # fmt: skip
+    image.save_pretrained(tmp_path / "image")
+    assert ImageTokenizer.from_pretrained(tmp_path / "image").config.code_search == 2
+    saved = json.loads((tmp_path / "image" / "config.json").read_text())
+    del saved["code_search"]
+    (tmp_path / "image" / "config.json").write_text(json.dumps(saved))
+    assert ImageTokenizer.from_pretrained(tmp_path / "image").config.code_search == 0

@@ -67,6 +67,40 @@ def test_each_sweep_lowers_the_error_or_keeps_it_with_more_codes_than_the_shortl
     assert errors[-1] < 0.8 * errors[0], errors
 
 
+def decode_grid(ids: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """Ids (h, w, 1) -> cells (h, w, C, P): each code adds its nine taps to the 3 x 3 cells
+    around its own (row-major offsets)."""
+    h, w = ids.shape[:2]
+    out = torch.zeros(h, w, *tables.shape[-2:])
+    for i, j in itertools.product(range(h), range(w)):
+        for tap, (di, dj) in enumerate(itertools.product((-1, 0, 1), repeat=2)):
+            if 0 <= i + di < h and 0 <= j + dj < w:
+                out[i + di, j + dj] += tables[0, int(ids[i, j, 0]), tap]
+    return out
+
+
+@pytest.mark.parametrize("power", [1, 2])
+def test_on_a_grid_of_patches_the_search_ends_at_a_coordinate_optimum(power: int) -> None:
+    generator = torch.Generator().manual_seed(2)
+    tables = torch.randn(1, 6, 9, 2, 3, generator=generator)  # 6 codes: all are candidates
+    target = torch.randn(5, 4, 2, 3, generator=generator) * 2
+    start = torch.randint(0, 6, (5, 4, 1), generator=generator)
+    valid = torch.ones(5, 4, 1, 3)
+
+    def error(ids: torch.Tensor) -> float:
+        return float((decode_grid(ids, tables) - target).abs().pow(power).sum())
+
+    found = refine_codes(
+        start[None], decode_grid(start, tables)[None], target[None], valid[None], tables, 20, power
+    )[0]
+    best = error(found)
+    assert best < 0.8 * error(start)
+    for i, j, code in itertools.product(range(5), range(4), range(6)):
+        moved = found.clone()
+        moved[i, j, 0] = code
+        assert error(moved) >= best - 1e-3, (i, j, code)
+
+
 def test_padding_keeps_its_ids_and_frames_outside_the_clip_do_not_count() -> None:
     tables, bias, target, ids = problem(1, 6)
     ids[8:] = -1  # past the clip's end
