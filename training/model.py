@@ -48,6 +48,7 @@ from training.caches import InstructionCache, KVCache, ResponseCache
 from training.dfm import VocabGroups
 from training.media_projection import MediaProjection
 from training.model_config import ModelConfig
+from training.packed_linear import PackedLinears
 from training.rotary import RotaryTable, rotate
 
 if TYPE_CHECKING:
@@ -94,6 +95,7 @@ class OmniModel(nn.Module):
         # A fresh float32 inv_freq: the backbone's buffer may have been loaded in bf16.
         rotary = Qwen2RotaryEmbedding(self.backbone.config)
         self.rotary = RotaryTable(rotary.inv_freq, float(rotary.attention_scaling))
+        self.packed = PackedLinears() if config.cpu_linear == "onednn" else None
         self.to(config.torch_dtype)
 
     @staticmethod
@@ -145,6 +147,17 @@ class OmniModel(nn.Module):
             raise KeyError(f"unknown modality {modality!r}; expected one of {MEDIA}")
         return getattr(self, f"codebook_{modality}")
 
+    def linear(self, layer: nn.Linear, x: Tensor) -> Tensor:
+        """``layer(x)``; at inference on the CPU through oneDNN-packed weights (see
+        ``ModelConfig.cpu_linear``)."""
+        return layer(x) if self.packed is None else self.packed(layer, x)
+
+    def _mlp(self, layer: nn.Module, x: Tensor) -> Tensor:
+        """The layer's gated MLP (Qwen2: ``down(act(gate(x)) * up(x))``) through ``linear``."""
+        mlp = layer.mlp
+        gated = mlp.act_fn(self.linear(mlp.gate_proj, x)) * self.linear(mlp.up_proj, x)
+        return self.linear(mlp.down_proj, gated)
+
     def _qkv(
         self, layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -152,9 +165,9 @@ class OmniModel(nn.Module):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
         shape = (*x.shape[:2], -1, self.head_dim)
-        q = attn.q_proj(h).view(shape).transpose(1, 2)
-        k = attn.k_proj(h).view(shape).transpose(1, 2)
-        v = attn.v_proj(h).view(shape).transpose(1, 2)
+        q = self.linear(attn.q_proj, h).view(shape).transpose(1, 2)
+        k = self.linear(attn.k_proj, h).view(shape).transpose(1, 2)
+        v = self.linear(attn.v_proj, h).view(shape).transpose(1, 2)
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
     def _finish(
@@ -177,8 +190,8 @@ class OmniModel(nn.Module):
             out = self._attend_few(q, k, v, mask)
         else:
             out = attend(q, k, v, mask, self.scale, self.backend)
-        x = x + layer.self_attn.o_proj(out.transpose(1, 2).reshape(*x.shape[:2], -1))
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        x = x + self.linear(layer.self_attn.o_proj, out.transpose(1, 2).reshape(*x.shape[:2], -1))
+        return x + self._mlp(layer, layer.post_attention_layernorm(x))
 
     def _attend_few(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
         """softmax(q k^T scale + mask) v with the grouped query heads of a key/value head
@@ -231,7 +244,7 @@ class OmniModel(nn.Module):
 
         Indices are local ids of the group (for ``text`` they equal unified ids).
         """
-        return self.head(group)(hidden)
+        return self.linear(self.head(group), hidden)
 
     def head(self, group: str) -> nn.Linear:
         """The output layer of head group ``group`` (the LM head for ``text``)."""
@@ -455,7 +468,7 @@ class OmniModel(nn.Module):
         attn = layer.self_attn
         batch, length, hidden = x.shape
         h = layer.input_layernorm(x)
-        v_all = attn.v_proj(h)  # (B, R, Hkv * D)
+        v_all = self.linear(attn.v_proj, h)  # (B, R, Hkv * D)
         old_v = cache.values[index].transpose(1, 2).reshape(batch, length, -1)
         similarity = F.cosine_similarity(v_all, old_v, dim=-1)  # (B, R)
         if ratio is not None:
@@ -467,8 +480,8 @@ class OmniModel(nn.Module):
         heads = picked[:, None, :, None]
         h_sel = h.gather(1, rows.expand(-1, -1, hidden))
         shape = (batch, count, -1, self.head_dim)
-        q = attn.q_proj(h_sel).view(shape).transpose(1, 2)
-        k = attn.k_proj(h_sel).view(shape).transpose(1, 2)
+        q = self.linear(attn.q_proj, h_sel).view(shape).transpose(1, 2)
+        k = self.linear(attn.k_proj, h_sel).view(shape).transpose(1, 2)
         v = v_all.view(batch, length, -1, self.head_dim).transpose(1, 2)
         v = v.gather(2, heads.expand(-1, v.shape[1], -1, self.head_dim))
         cos_sel = cos.gather(2, heads.expand(-1, -1, -1, self.head_dim))
