@@ -152,11 +152,17 @@ class OmniModel(nn.Module):
         ``ModelConfig.cpu_linear``)."""
         return layer(x) if self.packed is None else self.packed(layer, x)
 
+    def linears(self, layers: tuple[nn.Linear, ...], x: Tensor) -> tuple[Tensor, ...]:
+        """``layer(x)`` for each of ``layers``; packed, as one product (see ``linear``)."""
+        if self.packed is None:
+            return tuple(layer(x) for layer in layers)
+        return self.packed.fused(layers, x)
+
     def _mlp(self, layer: nn.Module, x: Tensor) -> Tensor:
         """The layer's gated MLP (Qwen2: ``down(act(gate(x)) * up(x))``) through ``linear``."""
         mlp = layer.mlp
-        gated = mlp.act_fn(self.linear(mlp.gate_proj, x)) * self.linear(mlp.up_proj, x)
-        return self.linear(mlp.down_proj, gated)
+        gate, up = self.linears((mlp.gate_proj, mlp.up_proj), x)
+        return self.linear(mlp.down_proj, mlp.act_fn(gate) * up)
 
     def _qkv(
         self, layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor
@@ -165,9 +171,10 @@ class OmniModel(nn.Module):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
         shape = (*x.shape[:2], -1, self.head_dim)
-        q = self.linear(attn.q_proj, h).view(shape).transpose(1, 2)
-        k = self.linear(attn.k_proj, h).view(shape).transpose(1, 2)
-        v = self.linear(attn.v_proj, h).view(shape).transpose(1, 2)
+        q, k, v = (
+            out.view(shape).transpose(1, 2)
+            for out in self.linears((attn.q_proj, attn.k_proj, attn.v_proj), h)
+        )
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
     def _finish(

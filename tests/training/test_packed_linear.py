@@ -48,6 +48,22 @@ def test_a_weight_update_is_packed_again() -> None:
     assert not torch.allclose(before, after)
 
 
+def test_stacked_layers_compute_what_each_does_and_follow_updates() -> None:
+    torch.manual_seed(0)
+    layers = (nn.Linear(48, 80), nn.Linear(48, 16, bias=False), nn.Linear(48, 32))
+    packed = PackedLinears()
+    x = torch.randn(2, 5, 48)
+    with torch.inference_mode():
+        outs = packed.fused(layers, x)
+        for out, layer in zip(outs, layers, strict=True):
+            torch.testing.assert_close(out, layer(x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        layers[1].weight.add_(1.0)  # one member changes: the stack is packed again
+    with torch.inference_mode():
+        torch.testing.assert_close(packed.fused(layers, x)[1], layers[1](x), atol=1e-5, rtol=1e-5)
+    assert len(packed._packed) == 1
+
+
 def test_training_runs_the_layer_itself() -> None:
     linear, packed = layer(), PackedLinears()
     out = packed(linear, torch.randn(3, 48))
