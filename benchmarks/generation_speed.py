@@ -19,6 +19,9 @@ serves all three decoders, so the backbone, heads and kernels are the same:
   "active"``: each step recomputes only the current block's masked positions and the tokens
   just committed; the rest of the canvas, future ``<MASK>`` positions included, keeps its
   cached keys/values; full refresh every ``--block-refresh-every`` steps; Fast-dLLM).
+- ``dfm_block_norefresh``: the same without the periodic full refresh (``full_refresh_every``
+  beyond the step count): cheaper on long canvases, less faithful to exact decoding
+  (``benchmarks/cache_fidelity.py`` measures by how much).
 
 The defaults of ``dfm_block`` (blocks of 32, 4 tokens per step, full refresh every 8 steps)
 are the evaluation suites' and ``omni generate``'s default sampler
@@ -29,10 +32,10 @@ The DFM canvas length is fixed to ``length`` (no dynamic-length probing), as AR'
 count is. Each call is the whole generation of a batch of ``--batch`` random instructions
 of ``--prompt-length`` text ids, from ids in to ids out (instruction encoding included),
 under ``torch.inference_mode``, for each of ``--batches``. Every (batch, length, decoder)
-runs once untimed (warm-up), then the decoders run alternately ``--repeats`` times (order
-rotated each repeat) and the medians are compared; ``dfm_nocache`` and ``dfm_cache`` only up
-to ``--slow-max-length``. The headline is ``dfm_block`` against AR at the setting where that
-ratio is lowest.
+runs once untimed on a canvas of at most 64 tokens (warm-up), then the decoders run
+alternately ``--repeats`` times (order rotated each repeat) and the medians are compared;
+``dfm_nocache`` and ``dfm_cache`` only up to ``--slow-max-length``. The headline is
+``dfm_block`` against AR at the setting where that ratio is lowest.
 
     python benchmarks/generation_speed.py [--preset small] [--device cpu] [--lengths 64 256]
     python benchmarks/generation_speed.py --preset 1b5 --device cuda --dtype bfloat16 \\
@@ -72,18 +75,22 @@ from training.sampling import (
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "generation_speed.json"
 TARGET_RATIO = 2.0  # DFM (adaptive cache) response tokens/s against AR with the KV cache
-MODES = ("dfm_nocache", "dfm_cache", "dfm_block", "ar")
+MODES = ("dfm_nocache", "dfm_cache", "dfm_block", "dfm_block_norefresh", "ar")
+NEVER = 1 << 30  # a full-refresh period no generation reaches
+WARMUP_LENGTH = 64  # warm-up calls decode this many tokens at most
 SLOW = ("dfm_nocache", "dfm_cache")  # skipped above --slow-max-length
 MEDIA_SIZE, MEDIA_DIM = 512, 64  # the tokenizers' default codebook (unused by text decoding)
 
 
-def build_model(preset: str, device: str, dtype: str, text_vocab: int) -> OmniModel:
+def build_model(
+    preset: str, device: str, dtype: str, text_vocab: int, cpu_linear: str = "onednn"
+) -> OmniModel:
     """A random-weight model of ``preset`` on ``device`` in ``dtype``, in eval mode."""
     layout = VocabLayout(text_size=text_vocab, image_size=MEDIA_SIZE, audio_size=MEDIA_SIZE)
     gen = torch.Generator().manual_seed(0)
     codebooks = {m: torch.randn(MEDIA_SIZE, MEDIA_DIM, generator=gen) for m in ("image", "audio")}
     torch.manual_seed(0)
-    config = load_model_config(preset, (f"dtype={dtype}",))
+    config = load_model_config(preset, (f"dtype={dtype}", f"cpu_linear={cpu_linear}"))
     return OmniModel(config, layout, codebooks).to(device).eval()
 
 
@@ -118,13 +125,39 @@ def decoders(
 ) -> dict[str, Callable[[], Any]]:
     """One zero-argument call per mode in ``modes``, each generating ``length`` tokens per row."""
     exact = sampler.model_copy(update={"cache": CacheConfig(enabled=False)})
+    stale = block.model_copy(
+        update={"cache": block.cache.model_copy(update={"full_refresh_every": NEVER})}
+    )
     calls: dict[str, Callable[[], Any]] = {
         "dfm_nocache": DfmDecoder(model, instruction, length, exact),
         "dfm_cache": DfmDecoder(model, instruction, length, sampler),
         "dfm_block": DfmDecoder(model, instruction, length, block),
+        "dfm_block_norefresh": DfmDecoder(model, instruction, length, stale),
         "ar": lambda: ar_generate(model, instruction, length),
     }
     return {mode: calls[mode] for mode in modes}
+
+
+def memory_bandwidth(device: torch.device, mib: int = 1024, repeats: int = 5) -> float:
+    """Bytes/s that a full read of a ``mib`` MiB tensor reaches on ``device`` (best of
+    ``repeats``): the roofline of a memory-bound decoding step."""
+    data = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
+    best = min(timed(data.sum, device) for _ in range(repeats))
+    return data.numel() * data.element_size() / best
+
+
+def ar_bytes_per_step(model: OmniModel, batch: int, keys: int) -> int:
+    """Bytes one AR step must read at least: every weight the step multiplies by (the
+    backbone's layers and the LM head; the embedding table is only indexed, the media
+    projections and heads are idle) and each row's cached keys and values over ``keys``
+    positions."""
+    weights = sum(p.numel() * p.element_size() for p in model.layers.parameters())
+    weights += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    backbone = model.config.backbone
+    per_key = (
+        2 * backbone.num_key_value_heads * model.head_dim * model.lm_head.weight.element_size()
+    )
+    return weights + batch * keys * per_key * backbone.num_hidden_layers
 
 
 def timed(run: Callable[[], Any], device: torch.device) -> float:
@@ -147,12 +180,17 @@ def measure(
     modes: tuple[str, ...],
     repeats: int,
     device: torch.device,
+    bandwidth: float | None = None,
 ) -> dict[str, Any]:
     """Warm-up then ``repeats`` interleaved timed calls of each mode (order rotated)."""
     calls = decoders(model, instruction, length, sampler, block, modes)
     seconds: dict[str, list[float]] = {m: [] for m in modes}
-    for mode in modes:  # warm-up: kernels, allocator, rotary tables
-        timed(calls[mode], device)
+    # Warm-up (kernels, allocator, rotary tables, packed weights) on a canvas of at most
+    # WARMUP_LENGTH: what it settles does not depend on the length, and at 1024 tokens a
+    # full-length warm-up would double minutes-long runs.
+    warm = decoders(model, instruction, min(length, WARMUP_LENGTH), sampler, block, modes)
+    for mode in modes:
+        timed(warm[mode], device)
     for attempt in range(repeats):
         shift = attempt % len(modes)
         for mode in modes[shift:] + modes[:shift]:
@@ -173,6 +211,15 @@ def measure(
             out[f"ratio_{mode}_vs_ar"] = round(median["ar"] / median[mode], 3)
             out[f"{mode}_recomputed_fraction"] = round(calls[mode].recomputed_fraction, 3)
     out["ar_seconds_per_token"] = round(median["ar"] / length, 4)
+    if bandwidth:
+        # AR is memory-bound at small batches: a step can go no faster than its bytes
+        # (weights + KV cache at the mean context) read at the measured bandwidth.
+        step_bytes = ar_bytes_per_step(
+            model, instruction.shape[0], instruction.shape[1] + length // 2
+        )
+        bound = instruction.shape[0] * bandwidth / step_bytes
+        out["ar_bandwidth_bound_tokens_per_s"] = round(bound, 2)
+        out["ar_fraction_of_bandwidth_bound"] = round(out["ar"]["tokens_per_s"] / bound, 3)
     return out
 
 
@@ -181,6 +228,10 @@ def main() -> None:
     parser.add_argument("--preset", default="small", help="configs/model preset")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--cpu-linear", default="onednn", choices=["onednn", "aten"],
+        help="linear layers on the CPU: oneDNN with packed weights, or F.linear (MKL)",
+    )  # fmt: skip
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="rows per call")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each decoder")
@@ -214,11 +265,14 @@ def main() -> None:
         decode_block=args.decode_block,
         cache=CacheConfig(strategy="active", full_refresh_every=args.block_refresh_every),
     )
-    model = build_model(args.preset, args.device, args.dtype, args.text_vocab)
+    model = build_model(args.preset, args.device, args.dtype, args.text_vocab, args.cpu_linear)
     params = sum(p.numel() for p in model.parameters())
     print(f"{args.preset}: {params / 1e6:.1f}M parameters on {device} ({args.dtype}), "
           f"backend {model.backend}, {torch.get_num_threads()} threads")  # fmt: skip
 
+    with torch.inference_mode():
+        bandwidth = memory_bandwidth(device)
+    print(f"memory bandwidth (read): {bandwidth / 1e9:.1f} GB/s")
     results: dict[str, dict[str, Any]] = {}
     with torch.inference_mode():
         for batch in args.batches:
@@ -229,8 +283,9 @@ def main() -> None:
             for length in args.lengths:
                 modes = tuple(m for m in MODES if m not in SLOW or length <= args.slow_max_length)
                 results[f"batch{batch}_length{length}"] = measure(
-                    model, instruction, length, sampler, block, modes, args.repeats, device
-                )
+                    model, instruction, length, sampler, block, modes, args.repeats, device,
+                    bandwidth,
+                )  # fmt: skip
 
     headline = min(results, key=lambda key: results[key]["ratio_dfm_block_vs_ar"])
     best = results[headline]
@@ -260,6 +315,9 @@ def main() -> None:
             "dfm_block": f"semi-AR blocks of {args.decode_block}, active cache (current block "
             f"+ just-committed positions recomputed), full refresh every "
             f"{args.block_refresh_every} steps",
+            "dfm_block_norefresh": "dfm_block without the periodic full refresh",
+            "cpu_linear": model.config.cpu_linear,
+            "memory_bandwidth_gb_s": round(bandwidth / 1e9, 2),
             "slow_max_length": args.slow_max_length,
             "ar_decoding": "greedy, KV cache, exactly `length` tokens (no EOS stop)",
             "repeats": args.repeats,

@@ -229,3 +229,34 @@ def test_sampler_quality_compares_settings_on_a_trained_checkpoint(
     assert result["fastest_preserving"] in ("reference", "block32_k16")
     assert result["ratio"] == pytest.approx(result["value"] / result["baseline"], abs=1e-3)
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cache_fidelity_compares_refresh_periods_with_exact_decoding(
+    trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """benchmarks/cache_fidelity.py on a real checkpoint: exact decoding agrees with itself,
+    every cache setting gets its agreement, speed and share of the work recomputed, and the
+    headline is the default's content agreement at the longest canvas."""
+    out = tmp_path / "fidelity.json"
+    argv = ["cache_fidelity.py", "--config", str(trained.config_path), "--run",
+            trained.run_ids[0], "--lengths", "32", "96", "--refresh", "4", "--batch", "2",
+            "--out", str(out)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(REPO / "benchmarks" / "cache_fidelity.py"), run_name="__main__")
+    result = json.loads(out.read_text())
+    assert set(result["tables"]) == {"real", "random"}
+    for table in result["tables"].values():
+        assert set(table) == {"length32", "length96"}
+        for row in table.values():
+            assert set(row) == {"exact", "refresh4", "refresh8", "never"}
+            assert row["exact"]["agreement"] == row["exact"]["content_agreement"] == 1.0
+            assert row["exact"]["recomputed_fraction"] == 1.0
+            for name in ("refresh4", "refresh8", "never"):
+                assert 0.0 <= row[name]["agreement"] <= 1.0
+                assert 0.0 < row[name]["recomputed_fraction"] < 1.0
+            # never refreshing recomputes no more than refreshing every 4 steps
+            assert row["never"]["recomputed_fraction"] <= row["refresh4"]["recomputed_fraction"]
+    random96 = result["tables"]["random"]["length96"]
+    assert result["default"] == "refresh8"
+    assert result["value"] == random96["refresh8"]["content_agreement"]
+    assert result["baseline"] == random96["never"]["content_agreement"]
