@@ -139,14 +139,9 @@ def main() -> None:
                         loaded.model, loaded.path, instruction, length, sampler
                     )
                     exact = ids if exact is None else exact
-                    same, content = ids == exact, exact != pad
                     row = table.setdefault(f"length{length}", {})
                     row[name] = {
-                        "agreement": round(float(same.float().mean()), 4),
-                        "content_agreement": round(
-                            float(same[content].float().mean()) if content.any() else 1.0, 4
-                        ),
-                        "content_fraction": round(float(content.float().mean()), 3),
+                        **agreements(ids, exact, pad),
                         "tokens_per_s": round(ids.numel() / seconds, 1),
                         "recomputed_fraction": round(fraction, 3),
                     }
@@ -175,6 +170,19 @@ def main() -> None:
         f"instructions: {result['value']} (never: {result['baseline']}; target, the default's "
         f"at {min(args.lengths)}: {result['target']}); written: {args.out}"
     )
+
+
+def agreements(ids: Tensor, exact: Tensor, pad: int) -> dict[str, float]:
+    """Share of positions where ``ids`` equals ``exact``: over all, and over the content
+    (where ``exact`` is not ``pad``); the content's share of the canvas."""
+    same, content = ids == exact, exact != pad
+    return {
+        "agreement": round(float(same.float().mean()), 4),
+        "content_agreement": round(
+            float(same[content].float().mean()) if content.any() else 1.0, 4
+        ),
+        "content_fraction": round(float(content.float().mean()), 3),
+    }
 
 
 def headline(

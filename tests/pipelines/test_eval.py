@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+import torch
 from mlflow import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
@@ -242,7 +243,7 @@ def test_cache_fidelity_compares_refresh_periods_with_exact_decoding(
             trained.run_ids[0], "--lengths", "32", "96", "--refresh", "4", "--batch", "2",
             "--out", str(out)]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(str(REPO / "benchmarks" / "cache_fidelity.py"), run_name="__main__")
+    benchmark = runpy.run_path(str(REPO / "benchmarks" / "cache_fidelity.py"), run_name="__main__")
     result = json.loads(out.read_text())
     assert set(result["tables"]) == {"real", "random"}
     for table in result["tables"].values():
@@ -260,3 +261,16 @@ def test_cache_fidelity_compares_refresh_periods_with_exact_decoding(
     assert result["default"] == "refresh8"
     assert result["value"] == random96["refresh8"]["content_agreement"]
     assert result["baseline"] == random96["never"]["content_agreement"]
+    # Content agreement leaves out where exact decoding wrote <PAD> (9 here); the headline
+    # reads it, not the agreement over every position.
+    exact, ids = torch.tensor([[5, 6, 9, 9]]), torch.tensor([[5, 7, 9, 9]])
+    assert benchmark["agreements"](ids, exact, pad=9) == {
+        "agreement": 0.75,
+        "content_agreement": 0.5,
+        "content_fraction": 0.5,
+    }
+    rows = {"refresh8": {"agreement": 0.9, "content_agreement": 0.6},
+            "never": {"agreement": 0.8, "content_agreement": 0.3}}  # fmt: skip
+    tables = {"random": {"length32": rows, "length96": rows}}
+    top = benchmark["headline"](tables, "refresh8", [32, 96])
+    assert (top["value"], top["baseline"], top["ratio"], top["target"]) == (0.6, 0.3, 2.0, 0.6)
