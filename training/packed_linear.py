@@ -29,9 +29,8 @@ _ROWS_HINT = 64
 
 def onednn_available() -> bool:
     """Whether this torch build has oneDNN and its packed-linear ops."""
-    return torch.backends.mkldnn.is_available() and hasattr(
-        torch.ops.mkldnn, "_reorder_linear_weight"
-    )
+    ops = ("_reorder_linear_weight", "_linear_pointwise")
+    return torch.backends.mkldnn.is_available() and all(hasattr(torch.ops.mkldnn, op) for op in ops)
 
 
 class PackedLinears:
