@@ -21,7 +21,8 @@ Samplers:
   position, ``x_hat = argmax`` (or a tempered draw) with confidence ``p_theta(x_hat)``, and
   commits the most confident ones: ``k`` per step (``tokens_per_step``, or the masked count
   spread evenly over the remaining ``steps``), or all with confidence above ``tau`` (at least
-  one); the others stay masked ("low-confidence remasking", LLaDA arXiv 2502.09992, Alg. 5).
+  one; at least ``k`` with both set); the others stay masked ("low-confidence remasking",
+  LLaDA arXiv 2502.09992, Alg. 5; the threshold is Fast-dLLM's parallel decoding).
   With ``decode_block`` it works block by block, left to right (semi-autoregressive, LLaDA;
   Fast-dLLM arXiv 2505.22618), the later blocks kept on the canvas as ``<MASK>``.
 
@@ -95,7 +96,11 @@ class SamplerConfig(Section):
         None, ge=1, description="confidence: commit this many per step (overrides steps)"
     )
     tau: float | None = Field(
-        None, gt=0, lt=1, description="confidence: commit all above tau, at least one"
+        None,
+        gt=0,
+        lt=1,
+        description="confidence: commit all above tau, at least one (with tokens_per_step: "
+        "at least that many, the most confident)",
     )
     temperature: float = Field(
         1.0, ge=0, description="posterior temperature; 0 = argmax (greedy) predictions"
@@ -113,8 +118,6 @@ class SamplerConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> SamplerConfig:
-        if self.tokens_per_step is not None and self.tau is not None:
-            raise ValueError("set at most one of tokens_per_step and tau")
         if self.max_length % self.block_size:
             raise ValueError(f"max_length must be a multiple of block_size {self.block_size}")
         return self
@@ -291,36 +294,38 @@ def commit_positions(
 
     ``k`` (Long[B]): the ``k`` most confident masked positions of each row. ``tau``: every
     masked position with confidence above ``tau`` and, in a row where none is, its most
-    confident one, so that every step makes progress.
+    confident one, so that every step makes progress. Both: the ``k`` most confident and
+    every other one above ``tau`` (a floor of ``k`` tokens a step, more where the model is
+    sure: Fast-dLLM's threshold decoding on top of a fixed budget).
     """
     score = confidence.masked_fill(~masked, -math.inf)
-    rows = torch.arange(score.shape[0], device=score.device)
-    if tau is not None:
-        commit = masked & (confidence > tau)
-        commit[rows, score.argmax(1)] |= masked.any(1)
-        return commit
-    if k is None:
+    if k is None and tau is None:
         raise ValueError("give k or tau")
+    if k is None:
+        k = masked.any(1).long()  # the most confident one where none is above tau
     order = score.argsort(dim=1, descending=True, stable=True)
     positions = torch.arange(score.shape[1], device=score.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(1, order, positions)
-    return masked & (rank < k[:, None])
+    commit = masked & (rank < k[:, None])
+    if tau is not None:
+        commit |= masked & (confidence > tau)
+    return commit
 
 
 def _per_step(
     masked: Tensor, step: int | Tensor, config: SamplerConfig, steps: int | None = None
 ) -> Tensor | None:
     """Long[B] tokens to commit per row at ``step`` (int, or Long[B] per row), or None in
-    threshold mode.
+    threshold mode without ``tokens_per_step``.
 
     Without ``tokens_per_step`` the remaining masked count is spread evenly over the
     remaining of ``steps`` (default ``config.steps``; LLaDA's ``get_num_transfer_tokens``),
     so the canvas (block) is clean after that many steps.
     """
-    if config.tau is not None:
-        return None
     if config.tokens_per_step is not None:
         return torch.full(masked.shape[:1], config.tokens_per_step, device=masked.device)
+    if config.tau is not None:
+        return None
     remaining = masked.sum(1)
     steps_left = ((steps or config.steps) - torch.as_tensor(step, device=masked.device)).clamp(
         min=1

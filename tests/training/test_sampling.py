@@ -218,6 +218,17 @@ def test_commit_positions_threshold_at_least_one() -> None:
     ]
 
 
+def test_commit_positions_threshold_over_a_floor_of_k() -> None:
+    confidence = torch.tensor([[0.95, 0.1, 0.97, 0.3], [0.2, 0.6, 0.4, 0.5], [0.9, 0.9, 0, 0]])
+    masked = torch.tensor([[True, True, True, True], [True, True, True, True], [False] * 4])
+    commit = commit_positions(confidence, masked, k=torch.tensor([1, 2, 2]), tau=0.9)
+    assert commit.tolist() == [
+        [True, False, True, False],  # the top one, and the other one above tau
+        [False, True, False, True],  # none above tau: the two most confident
+        [False, False, False, False],  # nothing masked, nothing committed
+    ]
+
+
 def unmasking_run(config: SamplerConfig, margin: Tensor | None = None) -> OraclePredictor:
     canvas = mixed_canvas(batch=2, text=20, image=12)
     x1 = clean_target(canvas, seed=7)
@@ -264,6 +275,14 @@ def test_confidence_unmasking_threshold() -> None:
     oracle = unmasking_run(SamplerConfig(tau=0.9, temperature=0), margin)
     # Step 1 commits every sure position; then one unsure position per step (at least one).
     assert masked_counts(oracle) == [[32, 32], [3, 3], [2, 2], [1, 1]]
+
+
+def test_confidence_unmasking_threshold_over_k_per_step() -> None:
+    margin = torch.full((2, 35), SHARP)
+    margin[:, :6] = 0.5  # six unsure text positions
+    oracle = unmasking_run(SamplerConfig(tokens_per_step=4, tau=0.9, temperature=0), margin)
+    # Step 1 commits every sure position; then the unsure ones, four a step.
+    assert masked_counts(oracle) == [[32, 32], [6, 6], [2, 2]]
 
 
 def test_block_decoding_unmasks_blocks_left_to_right() -> None:
@@ -368,8 +387,6 @@ def test_text_canvas_pads_short_rows() -> None:
 
 
 def test_sampler_config_validation() -> None:
-    with pytest.raises(ConfigError, match="at most one"):
-        validate(SamplerConfig, {"tokens_per_step": 4, "tau": 0.9})
     with pytest.raises(ConfigError, match="multiple of block_size"):
         validate(SamplerConfig, {"block_size": 32, "max_length": 100})
     with pytest.raises(ConfigError, match="exactly one"):
