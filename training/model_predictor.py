@@ -66,21 +66,28 @@ class ModelPredictor:
         # Response positions computed (summed over layers) and those a full pass computes.
         self.recomputed = 0
         self.full_equivalent = 0
+        self.head_rows: dict[str, int] = {}  # positions each head group was run on
+        self.calls = 0  # canvases passed through the model
 
     def __call__(self, response: Tensor, select: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Logits per head group at the selected positions (see ``Predictor``).
 
-        With the cache, a position whose final hidden state was reused unchanged keeps the
-        logits computed for it before (exactly the same numbers): the head, a
-        ``V_g x H`` product per position, is only run where the hidden state is new.
+        With the adaptive cache, a position whose final hidden state was reused unchanged
+        keeps the logits computed for it before (exactly the same numbers): the head, a
+        ``V_g x H`` product per position, is only run where the hidden state is new. The
+        active strategy recomputes every selected position, so nothing is kept: no
+        ``(B, R, V_g)`` buffer, no comparison of the hidden states.
         """
         hidden = self.hidden(response, select)
-        if not self.cache.enabled:
-            return {
-                name: self.model.head_logits(hidden[where], name) for name, where in select.items()
-            }
+        if not self.cache.enabled or self.cache.strategy == "active":
+            return {name: self._run_head(hidden[where], name) for name, where in select.items()}
         changed = self._changed(hidden)
         return {name: self._head(hidden, name, where, changed) for name, where in select.items()}
+
+    def _run_head(self, hidden: Tensor, name: str) -> Tensor:
+        """Head ``name``'s logits of Float[N, H] hidden states, counted in ``head_rows``."""
+        self.head_rows[name] = self.head_rows.get(name, 0) + hidden.shape[0]
+        return self.model.head_logits(hidden, name)
 
     def _changed(self, hidden: Tensor) -> Tensor:
         """Bool[B, R]: positions whose final hidden state differs from the last call's."""
@@ -98,7 +105,7 @@ class ModelPredictor:
         known = self._known[name] & ~changed
         needed = where & ~known
         if bool(needed.any()):
-            self._logits[name][needed] = self.model.head_logits(hidden[needed], name)
+            self._logits[name][needed] = self._run_head(hidden[needed], name)
         self._known[name] = known | needed
         return self._logits[name][where]
 
@@ -109,6 +116,7 @@ class ModelPredictor:
         recomputes those and the ones whose token changed (all positions when not given).
         """
         layers = self.model.config.backbone.num_hidden_layers
+        self.calls += 1
         self.full_equivalent += layers * response.numel()
         if not self.cache.enabled:
             self.recomputed += layers * response.numel()
