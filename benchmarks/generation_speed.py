@@ -28,6 +28,17 @@ are the evaluation suites' and ``omni generate``'s default sampler
 (:func:`evaluation.config.quick_sampler`), the fastest setting that
 ``benchmarks/sampler_quality.py`` found to keep a trained checkpoint's quality.
 
+Bounds, measured in the same run: the read bandwidth (a full read of 1 GiB) and the
+matrix-product rate (:func:`matmul_peak`: the backbone's own widest product at 512 rows).
+AR's roofline is the lower of its bandwidth bound (weights + KV cache bytes per step) and
+its matrix products at the peak rate. A DFM mode's compute bound is the tokens/s its
+counted matrix-product FLOPs (:func:`dfm_flops`) allow at the peak rate: a block step
+recomputes about 22 positions for 4 tokens, so once a step has more rows than the
+machine needs to saturate its arithmetic (a handful on a CPU), the sampler's FLOPs per
+token, not the kernels, cap its speed. ``ratio_bound_*_vs_ar`` is that cap against the
+measured AR, ``..._vs_ar_roofline`` against AR at its roofline: where either is below the
+2x target, no kernel work reaches it with that sampler.
+
 The DFM canvas length is fixed to ``length`` (no dynamic-length probing), as AR's token
 count is. Each call is the whole generation of a batch of ``--batch`` random instructions
 of ``--prompt-length`` text ids, from ids in to ids out (instruction encoding included),
@@ -96,7 +107,8 @@ def build_model(
 
 class DfmDecoder:
     """Confidence unmasking of a fixed ``length``-position canvas after ``instruction``;
-    keeps the fraction of response positions x layers its last call recomputed."""
+    keeps the fraction of response positions x layers its last call recomputed and the
+    matrix-product FLOPs it ran (:func:`dfm_flops`)."""
 
     def __init__(
         self, model: OmniModel, instruction: Tensor, length: int, sampler: SamplerConfig
@@ -106,13 +118,37 @@ class DfmDecoder:
         self.path = MaskedPath(PolynomialScheduler(1.0), model.groups, self.vocab.mask_id)
         self.lengths = torch.full((instruction.shape[0],), length, device=instruction.device)
         self.recomputed_fraction = 0.0
+        self.flops = 0.0
 
     def __call__(self) -> Tensor:
         predictor = ModelPredictor(self.model, self.instruction, cache=self.sampler.cache)
         canvas = prior_sample(self.path, text_canvas(self.lengths, self.vocab), self.vocab)
         out = confidence_unmask(predictor, canvas, self.vocab, self.sampler).ids
         self.recomputed_fraction = predictor.recomputed / predictor.full_equivalent
+        self.flops = dfm_flops(self.model, predictor, self.instruction.numel())
         return out
+
+
+def linear_flops_per_position(model: OmniModel) -> int:
+    """FLOPs (2 per multiply-add) of one position through one layer's linear maps (q, k, v,
+    o, gate, up, down): what a recomputed position costs at least, attention aside."""
+    layer = model.layers[0]
+    return 2 * sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
+
+
+def dfm_flops(model: OmniModel, predictor: ModelPredictor, prompt_positions: int) -> float:
+    """Matrix-product FLOPs of one DFM generation: every (layer, position) the predictor
+    computed, the instruction's (once with a cache, at every call without), and the heads'
+    rows. Attention scores and the small element-wise operations are left out, so these
+    FLOPs at the peak rate are a lower bound on the time."""
+    layers = model.config.backbone.num_hidden_layers
+    passes = predictor.calls if not predictor.cache.enabled else 1
+    positions = predictor.recomputed + layers * prompt_positions * passes
+    flops = positions * linear_flops_per_position(model)
+    hidden = model.config.backbone.hidden_size
+    for name, rows in predictor.head_rows.items():
+        flops += 2 * rows * hidden * model.groups.size[name]
+    return float(flops)
 
 
 def decoders(
@@ -144,6 +180,25 @@ def memory_bandwidth(device: torch.device, mib: int = 1024, repeats: int = 5) ->
     data = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
     best = min(timed(data.sum, device) for _ in range(repeats))
     return data.numel() * data.element_size() / best
+
+
+def matmul_peak(model: OmniModel, device: torch.device, rows: int = 512, repeats: int = 5) -> float:
+    """FLOP/s of the backbone's widest product (layer 0's gate and up, run as the decoders
+    run it) at ``rows`` rows, best of ``repeats``: the compute roofline of a step that
+    recomputes many positions."""
+    mlp = model.layers[0].mlp
+    pair = (mlp.gate_proj, mlp.up_proj)
+    x = torch.randn(rows, mlp.gate_proj.in_features, device=device).to(model.config.torch_dtype)
+    model.linears(pair, x)  # packs the weights, warms the kernel
+    best = min(timed(lambda: model.linears(pair, x), device) for _ in range(repeats))
+    return 2 * rows * sum(layer.weight.numel() for layer in pair) / best
+
+
+def ar_flops_per_token(model: OmniModel) -> int:
+    """Matrix-product FLOPs of one AR token: one position through every layer, and the LM
+    head."""
+    layers = model.config.backbone.num_hidden_layers
+    return layers * linear_flops_per_position(model) + 2 * model.lm_head.weight.numel()
 
 
 def ar_bytes_per_step(model: OmniModel, batch: int, keys: int) -> int:
@@ -181,8 +236,16 @@ def measure(
     repeats: int,
     device: torch.device,
     bandwidth: float | None = None,
+    peak: float | None = None,
 ) -> dict[str, Any]:
-    """Warm-up then ``repeats`` interleaved timed calls of each mode (order rotated)."""
+    """Warm-up then ``repeats`` interleaved timed calls of each mode (order rotated).
+
+    With ``bandwidth`` (bytes/s), AR's bandwidth bound; with ``peak`` (FLOP/s) too, AR's
+    roofline (the lower of that and its matrix products at the peak rate) and each DFM
+    mode's compute bound: the tokens/s its matrix products allow at the peak rate, against
+    the measured AR (``ratio_bound_*_vs_ar``) and against AR at its roofline
+    (``..._vs_ar_roofline``). No kernel lifts a ratio above its bound without changing
+    what the sampler computes."""
     calls = decoders(model, instruction, length, sampler, block, modes)
     seconds: dict[str, list[float]] = {m: [] for m in modes}
     # Warm-up (kernels, allocator, rotary tables, packed weights) on a canvas of at most
@@ -200,26 +263,48 @@ def measure(
               flush=True)  # fmt: skip
     tokens = instruction.shape[0] * length
     median = {m: statistics.median(seconds[m]) for m in modes}
+    ar = tokens / median["ar"]
     out: dict[str, Any] = {"tokens": tokens}
-    for mode in modes:
-        out[mode] = {
-            "tokens_per_s": round(tokens / median[mode], 2),
-            "median_seconds": round(median[mode], 3),
-            "seconds": [round(x, 3) for x in seconds[mode]],
-        }
-        if mode != "ar":
-            out[f"ratio_{mode}_vs_ar"] = round(median["ar"] / median[mode], 3)
-            out[f"{mode}_recomputed_fraction"] = round(calls[mode].recomputed_fraction, 3)
+    out["ar"] = {
+        "tokens_per_s": round(ar, 2),
+        "median_seconds": round(median["ar"], 3),
+        "seconds": [round(x, 3) for x in seconds["ar"]],
+    }
     out["ar_seconds_per_token"] = round(median["ar"] / length, 4)
+    roofline = None
     if bandwidth:
         # AR is memory-bound at small batches: a step can go no faster than its bytes
-        # (weights + KV cache at the mean context) read at the measured bandwidth.
+        # (weights + KV cache at the mean context) read at the measured bandwidth, nor,
+        # at larger batches, than its matrix products at the peak rate.
         step_bytes = ar_bytes_per_step(
             model, instruction.shape[0], instruction.shape[1] + length // 2
         )
         bound = instruction.shape[0] * bandwidth / step_bytes
         out["ar_bandwidth_bound_tokens_per_s"] = round(bound, 2)
-        out["ar_fraction_of_bandwidth_bound"] = round(out["ar"]["tokens_per_s"] / bound, 3)
+        out["ar_fraction_of_bandwidth_bound"] = round(ar / bound, 3)
+        roofline = bound
+        if peak:
+            roofline = min(bound, peak / ar_flops_per_token(model))
+            out["ar_roofline_tokens_per_s"] = round(roofline, 2)
+    for mode in modes:
+        if mode == "ar":
+            continue
+        out[mode] = {
+            "tokens_per_s": round(tokens / median[mode], 2),
+            "median_seconds": round(median[mode], 3),
+            "seconds": [round(x, 3) for x in seconds[mode]],
+        }
+        out[f"ratio_{mode}_vs_ar"] = round(median["ar"] / median[mode], 3)
+        out[f"{mode}_recomputed_fraction"] = round(calls[mode].recomputed_fraction, 3)
+        if peak:
+            flops = calls[mode].flops
+            bound = tokens * peak / flops
+            out[f"{mode}_gflop"] = round(flops / 1e9, 2)
+            out[f"{mode}_compute_bound_tokens_per_s"] = round(bound, 2)
+            out[f"{mode}_fraction_of_compute_bound"] = round(tokens / median[mode] / bound, 3)
+            out[f"ratio_bound_{mode}_vs_ar"] = round(bound / ar, 3)
+            if roofline:
+                out[f"ratio_bound_{mode}_vs_ar_roofline"] = round(bound / roofline, 3)
     return out
 
 
@@ -272,7 +357,9 @@ def main() -> None:
 
     with torch.inference_mode():
         bandwidth = memory_bandwidth(device)
-    print(f"memory bandwidth (read): {bandwidth / 1e9:.1f} GB/s")
+        peak = matmul_peak(model, device)
+    print(f"memory bandwidth (read): {bandwidth / 1e9:.1f} GB/s; "
+          f"matrix products: {peak / 1e9:.1f} GFLOP/s")  # fmt: skip
     results: dict[str, dict[str, Any]] = {}
     with torch.inference_mode():
         for batch in args.batches:
@@ -284,7 +371,7 @@ def main() -> None:
                 modes = tuple(m for m in MODES if m not in SLOW or length <= args.slow_max_length)
                 results[f"batch{batch}_length{length}"] = measure(
                     model, instruction, length, sampler, block, modes, args.repeats, device,
-                    bandwidth,
+                    bandwidth, peak,
                 )  # fmt: skip
 
     headline = min(results, key=lambda key: results[key]["ratio_dfm_block_vs_ar"])
@@ -296,6 +383,8 @@ def main() -> None:
         "baseline": best["ar"]["tokens_per_s"],
         "ratio": best["ratio_dfm_block_vs_ar"],
         "target": TARGET_RATIO,
+        "ratio_bound_vs_ar": best.get("ratio_bound_dfm_block_vs_ar"),
+        "ratio_bound_vs_ar_roofline": best.get("ratio_bound_dfm_block_vs_ar_roofline"),
         "headline": f"dfm_block vs ar at {headline} (the lowest ratio of the settings)",
         "results": results,
         "settings": {
@@ -318,6 +407,7 @@ def main() -> None:
             "dfm_block_norefresh": "dfm_block without the periodic full refresh",
             "cpu_linear": model.config.cpu_linear,
             "memory_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+            "matmul_peak_gflop_s": round(peak / 1e9, 1),
             "slow_max_length": args.slow_max_length,
             "ar_decoding": "greedy, KV cache, exactly `length` tokens (no EOS stop)",
             "repeats": args.repeats,
@@ -330,15 +420,19 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"\n{'setting':>20s} {'mode':12s} {'tokens/s':>9s} {'seconds':>8s} {'vs AR':>6s}")
+    print(f"\n{'setting':>20s} {'mode':20s} {'tokens/s':>9s} {'seconds':>8s} {'vs AR':>6s} "
+          f"{'bound':>6s}")  # fmt: skip
     for key, row in results.items():
         for m in MODES:
             if m not in row:
                 continue
-            ratio = row.get(f"ratio_{m}_vs_ar")
+            ratio, bound = row.get(f"ratio_{m}_vs_ar"), row.get(f"ratio_bound_{m}_vs_ar")
             versus = f"{ratio:6.2f}" if ratio is not None else f"{'':6s}"
-            print(f"{key:>20s} {m:12s} {row[m]['tokens_per_s']:9.1f} "
-                  f"{row[m]['median_seconds']:8.2f} {versus}")  # fmt: skip
+            limit = f"{bound:6.2f}" if bound is not None else f"{'':6s}"
+            print(f"{key:>20s} {m:20s} {row[m]['tokens_per_s']:9.1f} "
+                  f"{row[m]['median_seconds']:8.2f} {versus} {limit}")  # fmt: skip
+    print("bound: the most a DFM mode could reach against this AR if its matrix products ran "
+          "at the measured peak")  # fmt: skip
     print(
         f"DFM (block + active cache) vs AR: {result['ratio']:.2f}x at {headline} "
         f"(target >= {TARGET_RATIO}x); written to {args.out}"

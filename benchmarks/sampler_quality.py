@@ -60,7 +60,8 @@ NO_CACHE = {"cache": {"enabled": False}}
 # boundary) could not show what a stale cache costs on long ones
 ACTIVE = {"cache": {"strategy": "active"}}
 # name -> overrides of the suite's sampler; k = tokens committed per step, tau = threshold
-# commits; block32 = semi-autoregressive blocks of 32 with the active (Fast-dLLM) cache
+# commits (with k: k at least); block32 = semi-autoregressive blocks of 32 with the active
+# (Fast-dLLM) cache
 SETTINGS: dict[str, dict[str, Any]] = {
     "reference": {"tokens_per_step": 1, **NO_CACHE},
     "adaptive_k1": {"tokens_per_step": 1},
@@ -75,6 +76,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "block32_tau0.9": {"tau": 0.9, "decode_block": 32, **ACTIVE},
     "block32_tau0.7": {"tau": 0.7, "decode_block": 32, **ACTIVE},
     "block32_tau0.5": {"tau": 0.5, "decode_block": 32, **ACTIVE},
+    # at least 4 a step, and every other position above tau (Fast-dLLM's threshold over
+    # the default's budget)
+    "block32_k4_tau0.9": {"tokens_per_step": 4, "tau": 0.9, "decode_block": 32, **ACTIVE},
+    "block32_k4_tau0.7": {"tokens_per_step": 4, "tau": 0.7, "decode_block": 32, **ACTIVE},
 }
 
 
