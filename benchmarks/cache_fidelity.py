@@ -4,18 +4,19 @@
 but on the demo's canvases (at most 64 positions, one block boundary), where a stale cache
 has no room to drift. This measures the drift where it can: on a trained checkpoint, text
 canvases of ``--lengths`` positions are decoded greedily by the default block sampler
-(``evaluation.config.quick_sampler``: blocks of 32, 4 tokens a step) three ways:
+(``evaluation.config.quick_sampler``: blocks of 32, every position above confidence 0.5
+committed a step) three ways:
 
-- ``exact``: the same blocks and commits with no cache (every step a full forward);
+- ``exact``: the same blocks and commit rule with no cache (every step a full forward);
 - the active cache with a full refresh every ``N`` steps, for each ``N`` of ``--refresh``
-  (8 = once per block at 4 a step, the default; Fast-dLLM refreshes at every block);
+  (8, the default; at 4 a step that was once per block, as Fast-dLLM refreshes);
 - ``never``: the active cache without periodic refresh.
 
 Reported per (instructions, length, setting): token agreement with ``exact`` (share of
 positions with the same id; greedy, so any difference is the cache's), the same over the
-positions where ``exact`` did not put ``<PAD>`` (``content_agreement``), tokens/s and the
-fraction of the full per-step work recomputed. Two sets of ``--batch`` instructions, each
-followed by an all-``<MASK>`` canvas:
+positions where ``exact`` did not put ``<PAD>`` (``content_agreement``), tokens/s, the
+denoising steps taken and the fraction of the full per-step work recomputed. Two sets of
+``--batch`` instructions, each followed by an all-``<MASK>`` canvas:
 
 - ``real``: the first ones of the checkpoint's understanding buckets (train split). A model
   trained on short responses fills most of a long canvas with ``<PAD>``, which every
@@ -72,8 +73,8 @@ def decode(
     instruction: tuple[Tensor, Tensor | None],
     length: int,
     sampler: SamplerConfig,
-) -> tuple[Tensor, float, float]:
-    """(ids Long[B, length], seconds, recomputed fraction) of one greedy decoding."""
+) -> tuple[Tensor, float, float, int]:
+    """(ids Long[B, length], seconds, recomputed fraction, steps) of one greedy decoding."""
     vocab = Vocabulary(model.layout, model.groups)
     ids, mask = instruction
     predictor = ModelPredictor(model, ids, mask, cache=sampler.cache)
@@ -82,7 +83,7 @@ def decode(
     started = time.perf_counter()
     out = confidence_unmask(predictor, canvas, vocab, sampler).ids
     seconds = time.perf_counter() - started
-    return out, seconds, predictor.recomputed / predictor.full_equivalent
+    return out, seconds, predictor.recomputed / predictor.full_equivalent, predictor.calls
 
 
 def main() -> None:
@@ -135,7 +136,7 @@ def main() -> None:
             for length in args.lengths:
                 exact = None
                 for name, sampler in settings.items():
-                    ids, seconds, fraction = decode(
+                    ids, seconds, fraction, steps = decode(
                         loaded.model, loaded.path, instruction, length, sampler
                     )
                     exact = ids if exact is None else exact
@@ -143,14 +144,15 @@ def main() -> None:
                     row[name] = {
                         **agreements(ids, exact, pad),
                         "tokens_per_s": round(ids.numel() / seconds, 1),
+                        "steps": steps,
                         "recomputed_fraction": round(fraction, 3),
                     }
                     print(f"{source:>6s} length {length:5d} {name:>10s}: agreement "
                           f"{row[name]['agreement']:.3f} (content "
                           f"{row[name]['content_agreement']:.3f} of "
                           f"{row[name]['content_fraction']:.2f}), "
-                          f"{row[name]['tokens_per_s']:8.1f} tokens/s, recomputed "
-                          f"{fraction:.3f}", flush=True)  # fmt: skip
+                          f"{row[name]['tokens_per_s']:8.1f} tokens/s, {steps} steps, "
+                          f"recomputed {fraction:.3f}", flush=True)  # fmt: skip
 
     result = {
         "name": "cache_fidelity",

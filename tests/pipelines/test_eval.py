@@ -257,6 +257,9 @@ def test_cache_fidelity_compares_refresh_periods_with_exact_decoding(
                 assert 0.0 < row[name]["recomputed_fraction"] < 1.0
             # never refreshing recomputes no more than refreshing every 4 steps
             assert row["never"]["recomputed_fraction"] <= row["refresh4"]["recomputed_fraction"]
+        for key, row in table.items():  # at least one token a step, one canvas pass each
+            length = int(key.removeprefix("length"))
+            assert all(0 < setting["steps"] <= length for setting in row.values())
     random96 = result["tables"]["random"]["length96"]
     assert result["default"] == "refresh8"
     assert result["value"] == random96["refresh8"]["content_agreement"]
