@@ -24,6 +24,10 @@ denoising steps taken and the fraction of the full per-step work recomputed. Two
 - ``random``: uniform text ids (32): a stress test, out of distribution, on which the model
   does not settle into ``<PAD>`` and decodes content over the whole canvas.
 
+Beside them, ``ar_tokens_per_s``: greedy KV-cached AR decoding of exactly ``length``
+tokens after the same instructions on the same weights (the checkpoint was trained for DFM,
+so its AR tokens mean nothing: the yardstick's speed only).
+
 Headline: on ``random``, the default's content agreement at the longest length, against
 ``never``'s there (baseline) and the default's at the shortest length (64 positions, where
 ``sampler_quality`` found its metrics within the reference's spread: the target).
@@ -48,6 +52,7 @@ from evaluation.config import quick_sampler
 from evaluation.tasks.base import split_sample
 from pipelines.config import load_pipeline_config
 from pipelines.eval.session import Session
+from training.autoregressive import ar_generate
 from training.dfm import ProbPath
 from training.generation import text_canvas
 from training.model import OmniModel
@@ -84,6 +89,14 @@ def decode(
     out = confidence_unmask(predictor, canvas, vocab, sampler).ids
     seconds = time.perf_counter() - started
     return out, seconds, predictor.recomputed / predictor.full_equivalent, predictor.calls
+
+
+def ar_seconds(model: OmniModel, instruction: tuple[Tensor, Tensor | None], length: int) -> float:
+    """Seconds of greedy KV-cached AR decoding of exactly ``length`` tokens per row."""
+    ids, mask = instruction
+    started = time.perf_counter()
+    ar_generate(model, ids, length, instruction_mask=mask)
+    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -130,10 +143,16 @@ def main() -> None:
     print(f"run {args.run} step {loaded.step}: {len(rows)} instructions, default {default_name}")
 
     tables: dict[str, dict[str, dict[str, Any]]] = {}
+    ar: dict[str, dict[str, float]] = {}
     with torch.inference_mode():
         for source, instruction in instructions.items():
             table = tables.setdefault(source, {})
             for length in args.lengths:
+                seconds = ar_seconds(loaded.model, instruction, length)
+                rate = ar.setdefault(source, {})[f"length{length}"] = round(
+                    instruction[0].shape[0] * length / seconds, 1
+                )
+                print(f"{source:>6s} length {length:5d}         ar: {rate:8.1f} tokens/s")
                 exact = None
                 for name, sampler in settings.items():
                     ids, seconds, fraction, steps = decode(
@@ -163,6 +182,7 @@ def main() -> None:
         "instructions": len(rows),
         "sampler": default.model_dump(),
         "tables": tables,
+        "ar_tokens_per_s": ar,
         "torch_threads": torch.get_num_threads(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -260,6 +260,9 @@ def test_cache_fidelity_compares_refresh_periods_with_exact_decoding(
         for key, row in table.items():  # at least one token a step, one canvas pass each
             length = int(key.removeprefix("length"))
             assert all(0 < setting["steps"] <= length for setting in row.values())
+    for source in ("real", "random"):  # the AR yardstick at every length
+        assert set(result["ar_tokens_per_s"][source]) == {"length32", "length96"}
+        assert all(rate > 0 for rate in result["ar_tokens_per_s"][source].values())
     random96 = result["tables"]["random"]["length96"]
     assert result["default"] == "refresh8"
     assert result["value"] == random96["refresh8"]["content_agreement"]
