@@ -4,7 +4,7 @@
 but on the demo's canvases (at most 64 positions, one block boundary), where a stale cache
 has no room to drift. This measures the drift where it can: on a trained checkpoint, text
 canvases of ``--lengths`` positions are decoded greedily by the default block sampler
-(``evaluation.config.quick_sampler``: blocks of 32, every position above confidence 0.5
+(``evaluation.config.quick_sampler``: blocks of 32, every position above confidence 0.3
 committed a step) three ways:
 
 - ``exact``: the same blocks and commit rule with no cache (every step a full forward);

@@ -26,11 +26,11 @@ serves all three decoders, so the backbone, heads and kernels are the same:
 ``dfm_block`` decodes in the blocks and with the cache of the evaluation suites' and
 ``omni generate``'s default sampler (:func:`evaluation.config.quick_sampler`), at a fixed
 budget of ``--tokens-per-step`` (default 4, full refresh every 8 steps): the default commits
-every position above confidence 0.5 instead, a count that random weights cannot show (they
+every position above confidence 0.3 instead, a count that random weights cannot show (they
 are never confident: one token a step). ``benchmarks/sampler_quality.py`` measures the
-threshold's speed and quality on a trained checkpoint (there it committed about 2.3
-tokens a step on image canvases); 4 a step, the default before, cost audio quality on one
-of the two checkpoints it was measured on.
+threshold's speed and quality on trained checkpoints (there it committed about 2.6 tokens
+a step on image canvases); 4 a step, the default before, cost audio quality on two of the
+three checkpoints it was measured on.
 
 Bounds, measured in the same run: the read bandwidth (a full read of 1 GiB) and the
 matrix-product rate (:func:`matmul_peak`: the backbone's own widest product at 512 rows).

@@ -78,6 +78,25 @@ def test_the_default_suite_is_always_there() -> None:
         EvalConfig.model_validate({"suites": {"x": {"tasks": ["dance"]}}})
 
 
+def test_a_setting_keeps_quality_over_checkpoints_only_where_it_keeps_it_on_each() -> None:
+    combine = runpy.run_path(str(REPO / "benchmarks" / "sampler_quality.py"))["combine"]
+
+    def row(within: bool, mean: float, speed: float) -> dict:
+        return {"metrics": {"m/psnr": {"mean": mean, "within": within}},
+                "within_spread": within, "agreement": 0.5, "agreement_greedy": 0.7,
+                "tokens_per_s": speed}  # fmt: skip
+
+    tables = {
+        "a": {"reference": row(True, 17.0, 100.0), "fast": row(True, 16.9, 400.0)},
+        "b": {"reference": row(True, 18.0, 120.0), "fast": row(False, 16.0, 500.0)},
+    }
+    table = combine(tables)
+    assert table["reference"]["within_spread"] and not table["fast"]["within_spread"]
+    assert table["fast"]["metrics"]["m/psnr"] == {"mean": 16.45, "within": False}
+    assert (table["fast"]["tokens_per_s"], table["reference"]["tokens_per_s"]) == (450.0, 110.0)
+    assert table["fast"]["agreement"] == 0.5 and table["fast"]["agreement_greedy"] == 0.7
+
+
 def test_the_default_sampler_is_the_fastest_quality_preserving_one_measured() -> None:
     """The default suite's sampler (and so ``omni generate``'s) is the setting that
     benchmarks/sampler_quality.py last found fastest within the reference's quality."""

@@ -205,28 +205,35 @@ def test_omni_generate_from_the_command_line(trained: Trained, tmp_path: Path) -
 def test_sampler_quality_compares_settings_on_a_trained_checkpoint(
     trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """benchmarks/sampler_quality.py on a real checkpoint: every setting gets the tasks'
-    metrics, its agreement with the one-token-per-step reference and its speed; the
-    reference agrees with itself under the same seed and is within its own spread."""
+    """benchmarks/sampler_quality.py on two real checkpoints: every setting gets the tasks'
+    metrics on each, its agreement with the one-token-per-step reference and its speed; the
+    reference agrees with itself under the same seed and is within its own spread; a setting
+    keeps quality over both only where it keeps it on each."""
     out = tmp_path / "quality.json"
     argv = ["sampler_quality.py", "--config", str(trained.config_path),
-            "--run", trained.run_ids[0], "--samples", "2", "--seeds", "0", "1",
+            "--run", *trained.run_ids, "--samples", "2", "--seeds", "0", "1",
             "--settings", "reference", "block32_k16", "--out", str(out)]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(REPO / "benchmarks" / "sampler_quality.py"), run_name="__main__")
     result = json.loads(out.read_text())
-    reference, fast = result["table"]["reference"], result["table"]["block32_k16"]
-    assert reference["agreement"] == reference["agreement_greedy"] == 1.0
-    assert reference["within_spread"]
+    assert set(result["checkpoints"]) == set(trained.run_ids)
     wanted = {"understanding/image_caption/bleu", "understanding/asr/wer",
               "generation/text2image/psnr", "generation/text2audio/mel_l1"}  # fmt: skip
-    assert wanted <= set(reference["metrics"])
     outputs = {"image_caption", "video_caption", "asr", "text2image", "text2audio"}
-    assert set(result["compared_outputs"]) == outputs
-    assert all(count > 0 for count in result["compared_outputs"].values())
-    assert set(fast["metrics"]) == set(reference["metrics"])
-    assert 0.0 <= fast["agreement"] <= 1.0 and 0.0 <= fast["agreement_greedy"] <= 1.0
-    assert fast["tokens_per_s"] > reference["tokens_per_s"]  # 16 tokens a step against 1
+    for checkpoint in result["checkpoints"].values():
+        reference, fast = checkpoint["table"]["reference"], checkpoint["table"]["block32_k16"]
+        assert reference["agreement"] == reference["agreement_greedy"] == 1.0
+        assert reference["within_spread"]
+        assert wanted <= set(reference["metrics"])
+        assert set(checkpoint["compared_outputs"]) == outputs
+        assert all(count > 0 for count in checkpoint["compared_outputs"].values())
+        assert set(fast["metrics"]) == set(reference["metrics"])
+        assert 0.0 <= fast["agreement"] <= 1.0 and 0.0 <= fast["agreement_greedy"] <= 1.0
+        assert fast["tokens_per_s"] > reference["tokens_per_s"]  # 16 tokens a step against 1
+    fast = result["table"]["block32_k16"]
+    each = [c["table"]["block32_k16"]["within_spread"] for c in result["checkpoints"].values()]
+    assert fast["within_spread"] == all(each)
+    assert result["table"]["reference"]["within_spread"]
     assert result["fastest_preserving"] in ("reference", "block32_k16")
     assert result["ratio"] == pytest.approx(result["value"] / result["baseline"], abs=1e-3)
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
