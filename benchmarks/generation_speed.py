@@ -230,6 +230,16 @@ def timed(run: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - started
 
 
+def timing(tokens: int, seconds: list[float]) -> dict[str, Any]:
+    """tokens/s at the median of ``seconds``, the median, and every run's seconds."""
+    median = statistics.median(seconds)
+    return {
+        "tokens_per_s": round(tokens / median, 2),
+        "median_seconds": round(median, 3),
+        "seconds": [round(x, 3) for x in seconds],
+    }
+
+
 def measure(
     model: OmniModel,
     instruction: Tensor,
@@ -269,11 +279,7 @@ def measure(
     median = {m: statistics.median(seconds[m]) for m in modes}
     ar = tokens / median["ar"]
     out: dict[str, Any] = {"tokens": tokens}
-    out["ar"] = {
-        "tokens_per_s": round(ar, 2),
-        "median_seconds": round(median["ar"], 3),
-        "seconds": [round(x, 3) for x in seconds["ar"]],
-    }
+    out["ar"] = timing(tokens, seconds["ar"])
     out["ar_seconds_per_token"] = round(median["ar"] / length, 4)
     roofline = None
     if bandwidth:
@@ -293,11 +299,7 @@ def measure(
     for mode in modes:
         if mode == "ar":
             continue
-        out[mode] = {
-            "tokens_per_s": round(tokens / median[mode], 2),
-            "median_seconds": round(median[mode], 3),
-            "seconds": [round(x, 3) for x in seconds[mode]],
-        }
+        out[mode] = timing(tokens, seconds[mode])
         out[f"ratio_{mode}_vs_ar"] = round(median["ar"] / median[mode], 3)
         out[f"{mode}_recomputed_fraction"] = round(calls[mode].recomputed_fraction, 3)
         if peak:
