@@ -150,11 +150,13 @@ class OmniModel(nn.Module):
     def linear(self, layer: nn.Linear, x: Tensor) -> Tensor:
         """``layer(x)``; at inference on the CPU through oneDNN-packed weights (see
         ``ModelConfig.cpu_linear``)."""
-        return layer(x) if self.packed is None else self.packed(layer, x)
+        if self.packed is None or torch.compiler.is_compiling():
+            return layer(x)  # compiled code gets inductor's own kernels for F.linear
+        return self.packed(layer, x)
 
     def linears(self, layers: tuple[nn.Linear, ...], x: Tensor) -> tuple[Tensor, ...]:
         """``layer(x)`` for each of ``layers``; packed, as one product (see ``linear``)."""
-        if self.packed is None:
+        if self.packed is None or torch.compiler.is_compiling():
             return tuple(layer(x) for layer in layers)
         return self.packed.fused(layers, x)
 
@@ -186,17 +188,20 @@ class OmniModel(nn.Module):
         v: Tensor,
         mask: AttentionMask,
         few: bool = False,
+        backend: Backend | None = None,
     ) -> Tensor:
         """Attention of q over (k, v), output projection, residual, then the MLP block.
 
         ``few`` (inference with few queries): on the CPU under SDPA, attention as two matmuls
         (:meth:`_attend_few`) instead of SDPA, whose CPU kernel costs more per call than
-        the whole product at one or a few dozen queries.
+        the whole product at one or a few dozen queries. ``backend`` overrides the model's
+        (fixed-shape steps take SDPA: flash-attn's varlen calls read lengths on the host).
         """
-        if few and q.device.type == "cpu" and self.backend == "sdpa":
+        backend = backend or self.backend
+        if few and q.device.type == "cpu" and backend == "sdpa":
             out = self._attend_few(q, k, v, mask)
         else:
-            out = attend(q, k, v, mask, self.scale, self.backend)
+            out = attend(q, k, v, mask, self.scale, backend)
         x = x + self.linear(layer.self_attn.o_proj, out.transpose(1, 2).reshape(*x.shape[:2], -1))
         return x + self._mlp(layer, layer.post_attention_layernorm(x))
 
