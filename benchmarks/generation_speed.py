@@ -12,7 +12,7 @@ serves all three decoders, so the backbone, heads and kernels are the same:
   shape (on CUDA captured in a CUDA graph, ``mode="reduce-overhead"``); its warm-up runs at
   the timed run's cache capacity, so compiling is never timed. The AR **yardstick** every
   ratio is taken against is the faster of ``ar`` and ``ar_compiled`` at each setting
-  (``ar_yardstick`` in the JSON; ``--no-compiled-ar`` leaves the compiled one out).
+  (``ar_yardstick`` in the JSON; ``--no-compile`` leaves the compiled modes out).
 - ``dfm_nocache``: confidence-ordered parallel unmasking (LLaDA) of a ``length``-position
   ``<MASK>`` canvas, ``--tokens-per-step`` committed per step, so ``length /
   tokens-per-step`` steps; every step runs instruction + canvas through the full DFM
@@ -28,6 +28,10 @@ serves all three decoders, so the backbone, heads and kernels are the same:
 - ``dfm_block_norefresh``: the same without the periodic full refresh (``full_refresh_every``
   beyond the step count): cheaper on long canvases, less faithful to exact decoding
   (``benchmarks/cache_fidelity.py`` measures by how much).
+- ``dfm_block_compiled``: ``dfm_block`` with ``CacheConfig.compile``: each partial step's
+  pass compiled (a CUDA graph on CUDA), its position count padded to a power of two; the
+  full refreshes stay eager. Its warm-up decodes the timed canvas (the shapes it compiles
+  depend on the canvas length), so compiling is never timed.
 
 ``dfm_block`` decodes in the blocks and with the cache of the evaluation suites' and
 ``omni generate``'s default sampler (:func:`evaluation.config.quick_sampler`), at a fixed
@@ -97,7 +101,16 @@ from training.static_ar import StaticArDecoder
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "generation_speed.json"
 TARGET_RATIO = 2.0  # DFM (adaptive cache) response tokens/s against AR with the KV cache
-MODES = ("dfm_nocache", "dfm_cache", "dfm_block", "dfm_block_norefresh", "ar", "ar_compiled")
+MODES = (
+    "dfm_nocache",
+    "dfm_cache",
+    "dfm_block",
+    "dfm_block_norefresh",
+    "dfm_block_compiled",
+    "ar",
+    "ar_compiled",
+)
+COMPILED = ("dfm_block_compiled", "ar_compiled")  # left out by --no-compile
 AR_MODES = ("ar", "ar_compiled")  # the yardstick is the faster of these
 NEVER = 1 << 30  # a full-refresh period no generation reaches
 WARMUP_LENGTH = 64  # warm-up calls decode this many tokens at most
@@ -182,11 +195,13 @@ def decoders(
     stale = block.model_copy(
         update={"cache": block.cache.model_copy(update={"full_refresh_every": NEVER})}
     )
+    compiled = block.model_copy(update={"cache": block.cache.model_copy(update={"compile": True})})
     calls: dict[str, Callable[[], Any]] = {
         "dfm_nocache": DfmDecoder(model, instruction, length, exact),
         "dfm_cache": DfmDecoder(model, instruction, length, sampler),
         "dfm_block": DfmDecoder(model, instruction, length, block),
         "dfm_block_norefresh": DfmDecoder(model, instruction, length, stale),
+        "dfm_block_compiled": DfmDecoder(model, instruction, length, compiled),
         "ar": lambda: ar_generate(model, instruction, length),
     }
     if compiled_ar is not None:
@@ -290,7 +305,7 @@ def measure(
         capacity,
     )  # fmt: skip
     for mode in modes:
-        timed(warm[mode], device)
+        timed(calls[mode] if mode == "dfm_block_compiled" else warm[mode], device)
     for attempt in range(repeats):
         shift = attempt % len(modes)
         for mode in modes[shift:] + modes[:shift]:
@@ -368,8 +383,9 @@ def main() -> None:
         help="run dfm_nocache and dfm_cache only up to this length (they are slow on CPU)",
     )  # fmt: skip
     parser.add_argument(
-        "--no-compiled-ar", action="store_true",
-        help="leave ar_compiled out (its compile takes 10-60 s per shape on a CPU)",
+        "--no-compile", action="store_true",
+        help="leave ar_compiled and dfm_block_compiled out (compiling takes 10-60 s per "
+        "shape on a CPU)",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
@@ -398,7 +414,7 @@ def main() -> None:
         peak = matmul_peak(model, device)
     print(f"memory bandwidth (read): {bandwidth / 1e9:.1f} GB/s; "
           f"matrix products: {peak / 1e9:.1f} GFLOP/s")  # fmt: skip
-    compiled_ar = None if args.no_compiled_ar else StaticArDecoder(model, compile=True)
+    compiled_ar = None if args.no_compile else StaticArDecoder(model, compile=True)
     results: dict[str, dict[str, Any]] = {}
     with torch.inference_mode():
         for batch in args.batches:
@@ -410,7 +426,7 @@ def main() -> None:
                 modes = tuple(
                     m for m in MODES
                     if (m not in SLOW or length <= args.slow_max_length)
-                    and (m != "ar_compiled" or compiled_ar is not None)
+                    and (m not in COMPILED or not args.no_compile)
                 )  # fmt: skip
                 results[f"batch{batch}_length{length}"] = measure(
                     model, instruction, length, sampler, block, modes, args.repeats, device,
@@ -448,6 +464,8 @@ def main() -> None:
             f"+ just-committed positions recomputed), full refresh every "
             f"{args.block_refresh_every} steps",
             "dfm_block_norefresh": "dfm_block without the periodic full refresh",
+            "dfm_block_compiled": "dfm_block with its partial steps compiled (CacheConfig."
+            "compile; positions padded to a power of two)",
             "cpu_linear": model.config.cpu_linear,
             "memory_bandwidth_gb_s": round(bandwidth / 1e9, 2),
             "matmul_peak_gflop_s": round(peak / 1e9, 1),

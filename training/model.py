@@ -29,7 +29,9 @@ Retrieval: the final hidden state at a sample's first ``<EOS>`` is its embedding
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -364,6 +366,8 @@ class OmniModel(nn.Module):
         refresh_ratio: float | None = None,
         refresh_threshold: float | None = None,
         positions: Tensor | None = None,
+        compiled: bool = False,
+        reuse: ResponseCache | None = None,
     ) -> tuple[Tensor, ResponseCache]:
         """Long[B, R] response canvas -> (Float[B, R, H] hidden, the updated ResponseCache).
 
@@ -380,12 +384,16 @@ class OmniModel(nn.Module):
         exactly these positions of each row (their embeddings on up, nothing of the other
         positions, no value vectors of all) and keeps the cached keys/values and outputs
         elsewhere (Fast-dLLM's dual cache). The cache is then updated in place and returned.
+        ``compiled``: that pass runs compiled, one graph per (B, R, n) shape (see
+        :func:`compiled_positions_pass`). ``reuse``: an earlier cache of this generation
+        whose in-place buffers take the new cache's values, so that a pass captured as a
+        CUDA graph keeps writing to the same addresses after a full refresh.
         """
         batch, length = response.shape
         if positions is not None:
             if cache is None:
                 raise ValueError("positions need a cache to take the other positions from")
-            return self._forward_positions(response, instruction, cache, positions)
+            return self._forward_positions(response, instruction, cache, positions, compiled, reuse)
         if cache is not None:
             cached = cache.outputs[0].shape[:2]
             if tuple(cached) != (batch, length):
@@ -423,45 +431,98 @@ class OmniModel(nn.Module):
         return self.backbone.norm(x), ResponseCache(keys, values, outputs, recomputed)
 
     def _forward_positions(
-        self, response: Tensor, instruction: InstructionCache, cache: ResponseCache, picked: Tensor
+        self,
+        response: Tensor,
+        instruction: InstructionCache,
+        cache: ResponseCache,
+        picked: Tensor,
+        compiled: bool = False,
+        reuse: ResponseCache | None = None,
     ) -> tuple[Tensor, ResponseCache]:
-        """``forward_response`` recomputing only ``picked`` (Long[B, n]) at every layer."""
+        """``forward_response`` recomputing only ``picked`` (Long[B, n]) at every layer;
+        ``compiled``: through :meth:`positions_pass` compiled (one graph per shape)."""
         batch, length = response.shape
         cached = cache.outputs[0].shape[:2]
         if tuple(cached) != (batch, length):
             raise ValueError(f"cache holds {tuple(cached)} (B, R), got {(batch, length)}")
-        count = picked.shape[1]
         prompt = instruction.keys[0].shape[2]
         key_valid = instruction.key_valid
         if key_valid is not None:
             key_valid = torch.cat([key_valid, key_valid.new_ones(batch, length)], dim=1)
-        mask = AttentionMask(key_valid)
         if cache.joint_keys is None or cache.joint_values is None or cache.hidden is None:
             # One contiguous instruction + response buffer per layer, written in place from
             # now on: no concatenation per step.
             pairs = zip(instruction.keys, cache.keys, instruction.values, cache.values, strict=True)
             joint = [(_cat(pk, rk), _cat(pv, rv)) for pk, rk, pv, rv in pairs]
+            if (
+                reuse is not None
+                and reuse.joint_keys is not None
+                and reuse.joint_values is not None
+                and reuse.joint_keys[0].shape == joint[0][0].shape
+                and reuse.outputs[0].shape == cache.outputs[0].shape
+            ):
+                joint = [
+                    (bk.copy_(k), bv.copy_(v))
+                    for (k, v), bk, bv in zip(joint, reuse.joint_keys, reuse.joint_values,
+                                              strict=True)
+                ]  # fmt: skip
+                cache.outputs = [b.copy_(x) for b, x in zip(reuse.outputs, cache.outputs,
+                                                            strict=True)]  # fmt: skip
             cache.joint_keys = [k for k, _ in joint]
             cache.joint_values = [v for _, v in joint]
+            if compiled and response.device.type == "cuda":
+                for buffer in (*cache.joint_keys, *cache.joint_values, *cache.outputs):
+                    torch._dynamo.mark_static_address(buffer)
             cache.keys = [k[:, :, prompt:] for k in cache.joint_keys]
             cache.values = [v[:, :, prompt:] for v in cache.joint_values]
             cache.hidden = self.backbone.norm(cache.outputs[-1])
+        # The rotary table is grown here, never inside a compiled pass.
+        cos, sin = self.rotary.table(prompt + length, cache.hidden.dtype, response.device)
+        run = compiled_positions_pass(self) if compiled else self.positions_pass
+        # A new tensor: callers compare it with the previous step's.
+        cache.hidden = run(
+            response, picked, instruction.lengths, key_valid, cos, sin, cache.joint_keys,
+            cache.joint_values, cache.outputs, cache.hidden,
+        )  # fmt: skip
+        cache.recomputed = len(self.layers) * batch * picked.shape[1]
+        return cache.hidden, cache
+
+    def positions_pass(
+        self,
+        response: Tensor,
+        picked: Tensor,
+        lengths: Tensor,
+        key_valid: Tensor | None,
+        cos: Tensor,
+        sin: Tensor,
+        joint_keys: list[Tensor],
+        joint_values: list[Tensor],
+        outputs: list[Tensor],
+        hidden: Tensor,
+    ) -> Tensor:
+        """The layers over the ``picked`` (Long[B, n]) positions of ``response`` Long[B, R]
+        only, every tensor of fixed shape: writes their keys/values into ``joint_keys`` /
+        ``joint_values`` (instruction then response, ``(B, Hkv, P + R, D)``) and their layer
+        outputs into ``outputs`` (``(B, R, H)`` each), and returns ``hidden`` (B, R, H) with
+        their final-normed states scattered in. ``lengths``: Long[B] real instruction
+        tokens; ``key_valid``: Bool[B, P + R] or None; ``cos``/``sin``: the rotary table
+        over at least ``P + R`` positions."""
+        prompt = joint_keys[0].shape[2] - response.shape[1]
+        mask = AttentionMask(key_valid)
         x = self.embed(response.gather(1, picked))  # (B, n, H)
         hidden_size = x.shape[-1]
-        cos, sin = self.rotary.at(instruction.lengths[:, None] + picked, prompt + length, x.dtype)
+        where = lengths[:, None] + picked
+        cos, sin = cos[where].unsqueeze(1), sin[where].unsqueeze(1)
         rows = picked[:, :, None].expand(-1, -1, hidden_size)
         slots = (prompt + picked)[:, None, :, None]
         for index, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, x, cos, sin)
-            where = slots.expand(-1, k.shape[1], -1, self.head_dim)
-            keys = cache.joint_keys[index].scatter_(2, where, k)
-            values = cache.joint_values[index].scatter_(2, where, v)
-            x = self._finish(layer, x, q, keys, values, mask, few=True)
-            cache.outputs[index].scatter_(1, rows, x)
-        cache.recomputed = len(self.layers) * batch * count
-        # A new tensor: callers compare it with the previous step's.
-        cache.hidden = cache.hidden.scatter(1, rows, self.backbone.norm(x))
-        return cache.hidden, cache
+            where_kv = slots.expand(-1, k.shape[1], -1, self.head_dim)
+            keys = joint_keys[index].scatter_(2, where_kv, k)
+            values = joint_values[index].scatter_(2, where_kv, v)
+            x = self._finish(layer, x, q, keys, values, mask, few=True, backend="sdpa")
+            outputs[index].scatter_(1, rows, x)
+        return hidden.scatter(1, rows, self.backbone.norm(x))
 
     def _refresh_layer(
         self,
@@ -588,6 +649,28 @@ class OmniModel(nn.Module):
         model = cls(config, VocabLayout.load(folder), codebooks)
         load_model(model, str(folder / WEIGHTS_FILE))
         return model
+
+
+# Distinct shapes a process may compile the positions pass for before torch falls back to
+# eager for the rest (torch's default, 8, is two canvas lengths' worth of buckets).
+POSITIONS_PASS_GRAPHS = 64
+
+
+@functools.cache
+def _compiled_positions_pass(device_type: str) -> Callable[..., Tensor]:
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    torch._dynamo.config.recompile_limit = max(
+        torch._dynamo.config.recompile_limit, POSITIONS_PASS_GRAPHS
+    )
+    return torch.compile(OmniModel.positions_pass, fullgraph=True, dynamic=False, mode=mode)
+
+
+def compiled_positions_pass(model: OmniModel) -> Callable[..., Tensor]:
+    """``model.positions_pass`` through ``torch.compile`` (fullgraph, static shapes: one
+    graph per model and (B, R, n) shape, reused by every later generation): on CUDA with
+    ``mode="reduce-overhead"`` (the pass captured in a CUDA graph and replayed, one launch
+    a step instead of one per kernel), on the CPU inductor's kernels."""
+    return functools.partial(_compiled_positions_pass(model.device.type), model)
 
 
 def _cat(prompt: Tensor, response: Tensor) -> Tensor:

@@ -58,6 +58,8 @@ class ModelPredictor:
         )
         self._instruction_cache: InstructionCache | None = None
         self._response_cache: ResponseCache | None = None
+        # The last cache with in-place buffers: compiled steps keep writing to those.
+        self._buffers: ResponseCache | None = None
         self._calls_since_full = 0
         self._response: Tensor | None = None  # the canvas of the last cached call
         self._hidden: Tensor | None = None  # the last call's final hidden states
@@ -144,15 +146,19 @@ class ModelPredictor:
             refresh_ratio=self.cache.refresh_ratio,
             refresh_threshold=self.cache.refresh_threshold,
             positions=positions,
+            compiled=self.cache.compile,
+            reuse=self._buffers if self.cache.compile else None,
         )
+        if self._response_cache.joint_keys is not None:
+            self._buffers = self._response_cache
         self._response = response
         self.recomputed += self._response_cache.recomputed
         return hidden
 
     def _active_positions(self, response: Tensor, select: Mapping[str, Tensor] | None) -> Tensor:
         """Long[B, n] sorted: per row the selected positions and those whose token changed
-        since the last call, padded (every row computes ``n``, the largest count) with
-        positions from the row's left end."""
+        since the last call, padded (every row computes ``n``, the largest count, rounded
+        up to a power of two when compiled) with positions from the row's left end."""
         needed = response != self._response
         if select is None:
             needed = torch.ones_like(needed)
@@ -161,6 +167,8 @@ class ModelPredictor:
                 needed = needed | where
         count = max(1, int(needed.sum(1).max()))
         width = response.shape[1]
+        if self.cache.compile:  # a few shapes to compile instead of one per count
+            count = min(width, 1 << (count - 1).bit_length())
         # Needed positions first (score in [width, 2 width)), then the leftmost others.
         ranks = torch.arange(width, 0, -1, device=response.device)
         score = ranks + width * needed.long()

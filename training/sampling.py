@@ -63,7 +63,10 @@ class CacheConfig(Section):
       last step; every other position keeps its cached keys/values. With
       ``SamplerConfig.decode_block`` that is the current block (plus the tokens just
       committed): the rest of the canvas, future ``<MASK>`` positions included, is cached.
-      ``refresh_ratio`` / ``refresh_threshold`` are then unused.
+      ``refresh_ratio`` / ``refresh_threshold`` are then unused. ``compile`` runs those
+      steps compiled: the positions a step recomputes are padded (with the leftmost
+      others) to the next power of two, so a generation compiles a handful of shapes once
+      and replays them (on CUDA as CUDA graphs, where an eager step is launch-bound).
     """
 
     enabled: bool = Field(True, description="False: full forward of instruction + response")
@@ -76,6 +79,11 @@ class CacheConfig(Section):
         "adaptive",
         description="between full refreshes, recompute by value cosine (adaptive, dLLM-Cache) "
         "or only the positions predicted and those whose token changed (active, Fast-dLLM)",
+    )
+    compile: bool = Field(
+        False,
+        description="active: run the partial steps through torch.compile (a CUDA graph on "
+        "CUDA), their position count padded up to a power of two so few shapes compile",
     )
 
     @model_validator(mode="after")

@@ -13,6 +13,7 @@ from torch import Tensor
 from infra.config import ConfigError, validate
 from tokenization.sequences import MEDIA_MARKERS
 from tokenization.vocab import VocabLayout
+from training.caches import ResponseCache
 from training.dfm import MaskedPath, MetricPath, MetricScheduler, PolynomialScheduler, UniformPath
 from training.generation import (
     choose_lengths,
@@ -635,3 +636,108 @@ def test_block_decoding_with_the_active_cache_stays_close(model: OmniModel) -> N
         if every == 4:
             assert sum(tee.agreement) / len(tee.agreement) >= 0.9
     assert mean_error[4] < mean_error[1000]
+
+
+def _copy_cache(cache: ResponseCache) -> ResponseCache:
+    return ResponseCache(
+        [k.clone() for k in cache.keys],
+        [v.clone() for v in cache.values],
+        [x.clone() for x in cache.outputs],
+        cache.recomputed,
+    )
+
+
+@torch.inference_mode()
+def test_active_steps_compiled_recompute_a_power_of_two_of_positions(model: OmniModel) -> None:
+    ids, valid = instructions()
+    before, canvas = canvases(3)[1:]
+    asked = torch.zeros_like(canvas, dtype=torch.bool)
+    asked[:, 5:10] = True
+    counts = {}
+    for compiled in (False, True):
+        cache = CacheConfig(strategy="active", full_refresh_every=100, compile=compiled)
+        predictor = ModelPredictor(model, ids, valid, cache)
+        predictor._response = before
+        picked = predictor._active_positions(canvas, {"text": asked})
+        needed = asked | (canvas != before)
+        chosen = torch.zeros_like(needed).scatter(1, picked, True)
+        assert bool((chosen | ~needed).all())  # every needed position is recomputed
+        counts[compiled] = picked.shape[1]
+    assert counts[False] == int(needed.sum(1).max()) == 8  # 5 asked, 3 just committed
+    assert counts[True] == 8
+    asked[:, 10] = True
+    predictor._response = before
+    assert predictor._active_positions(canvas, {"text": asked}).shape[1] == 16
+
+
+@pytest.mark.integration
+@torch.inference_mode()
+def test_compiled_positions_pass_equals_the_eager_one_with_one_graph_per_shape(
+    model: OmniModel,
+) -> None:
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    ids, valid = instructions()
+    prompt = model.encode_instruction(ids, valid)
+    first, second, third = canvases(4)[1:]
+    _, start = model.forward_response(first, prompt)
+    eager, compiled = _copy_cache(start), _copy_cache(start)
+    for canvas, count in ((second, 4), (third, 4), (third, 8)):
+        picked = torch.stack([torch.randperm(24)[:count].sort().values for _ in range(2)])
+        want, eager = model.forward_response(canvas, prompt, cache=eager, positions=picked)
+        got, compiled = model.forward_response(
+            canvas, prompt, cache=compiled, positions=picked, compiled=True
+        )
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        for a, b in zip(compiled.outputs + compiled.keys, eager.outputs + eager.keys, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        assert compiled.recomputed == eager.recomputed == 2 * 2 * count
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # n = 4, then 8
+
+
+@pytest.mark.integration
+@torch.inference_mode()
+def test_block_decoding_compiled_stays_close_to_exact_logits(model: OmniModel) -> None:
+    """The block sampler with the active cache compiled: the logits it samples from stay as
+    close to exact ones on the same canvases as the eager cache's do."""
+    ids, valid = instructions()
+    config = SamplerConfig(
+        tokens_per_step=2, temperature=0, block_size=32, max_length=32, decode_block=8
+    )
+    errors = {}
+    for compiled in (False, True):
+        cache = CacheConfig(strategy="active", full_refresh_every=4, compile=compiled)
+        tee = Tee(
+            ModelPredictor(model, ids, valid, cache),
+            ModelPredictor(model, ids, valid, CacheConfig(enabled=False)),
+        )
+        sample_response(tee, paths()["masked"], "text", 2, VOCAB, config)
+        assert len(tee.errors) == 17
+        errors[compiled] = sum(tee.errors) / len(tee.errors)
+        assert sum(tee.agreement) / len(tee.agreement) >= 0.9
+    assert errors[True] < 0.3 and errors[True] <= errors[False] * 1.5 + 1e-3, errors
+
+
+@pytest.mark.integration
+@torch.inference_mode()
+def test_compiled_steps_write_to_the_same_buffers_across_full_refreshes(
+    model: OmniModel,
+) -> None:
+    """A pass captured as a CUDA graph replays on the addresses it was captured with: after
+    a full refresh the new cache's values go into the buffers of the one before."""
+    ids, valid = instructions()
+    cache = CacheConfig(strategy="active", full_refresh_every=3, compile=True)
+    predictor = ModelPredictor(model, ids, valid, cache)
+    exact = ModelPredictor(model, ids, valid, CacheConfig(enabled=False))
+    asked = torch.zeros(2, 24, dtype=torch.bool)
+    asked[:, :4] = True
+    addresses = set()
+    for step, canvas in enumerate(canvases(8)):
+        hidden = predictor.hidden(canvas, {"text": asked})
+        if step % 3:  # a partial step (steps 0, 3, 6 refresh in full)
+            held = predictor._response_cache
+            buffers = (*held.joint_keys, *held.joint_values, *held.outputs)
+            addresses.add(tuple(b.data_ptr() for b in buffers))
+        else:
+            torch.testing.assert_close(hidden, exact.hidden(canvas), atol=1e-5, rtol=0)
+    assert len(addresses) == 1
