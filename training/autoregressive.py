@@ -14,6 +14,8 @@ token), restricted to one group's head, and stops at ``<EOS>`` or after ``max_ne
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -71,16 +73,31 @@ def ar_generate(
     kv = model.ar_prefill(
         instruction, instruction_mask, capacity=instruction.shape[1] + max_new_tokens
     )
-    hidden = kv.last_hidden
-    finished = torch.zeros(instruction.shape[0], dtype=torch.bool, device=instruction.device)
+
+    def advance(token: Tensor) -> Tensor:
+        return model.head_logits(model.ar_step(token[:, None], kv)[:, -1], group).argmax(-1) + start
+
+    first = model.head_logits(kv.last_hidden, group).argmax(-1) + start
+    return greedy_tokens(first, advance, max_new_tokens, eos_id)
+
+
+def greedy_tokens(
+    first: Tensor, advance: Callable[[Tensor], Tensor], max_new_tokens: int, eos_id: int | None
+) -> Tensor:
+    """Long[B] first tokens, then ``advance(token)`` -> the next Long[B], as one Long[B, n].
+
+    With ``eos_id``, a row is finished once it emits it (later positions hold ``eos_id``) and
+    decoding stops when every row is; without it, exactly ``max_new_tokens`` tokens.
+    """
+    token = first
+    finished = torch.zeros_like(token, dtype=torch.bool)
     tokens = []
     for _ in range(max_new_tokens):
-        token = model.head_logits(hidden, group).argmax(-1) + start
         if eos_id is not None:
             token = torch.where(finished, eos_id, token)
             finished |= token == eos_id
         tokens.append(token)
         if len(tokens) == max_new_tokens or (eos_id is not None and bool(finished.all())):
             break
-        hidden = model.ar_step(token[:, None], kv)[:, -1]
+        token = advance(token)
     return torch.stack(tokens, 1)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from training.attention import AttentionMask
+from training.autoregressive import greedy_tokens
 from training.model import OmniModel
 
 Step = Callable[
@@ -88,21 +89,16 @@ class StaticArDecoder:
         cos, sin = model.rotary.table(size, model.config.torch_dtype, device)
         slot = torch.tensor([kv.length], device=device)
         positions = kv.positions.clone()
-        token = model.head_logits(kv.last_hidden, self.group).argmax(-1) + self.start
-        finished = torch.zeros_like(token, dtype=torch.bool)
-        tokens = []
-        for _ in range(max_new_tokens):
-            if eos_id is not None:
-                token = torch.where(finished, eos_id, token)
-                finished |= token == eos_id
-            tokens.append(token)
-            if len(tokens) == max_new_tokens or (eos_id is not None and bool(finished.all())):
-                break
+
+        def advance(token: Tensor) -> Tensor:
             # A copy: under CUDA graphs the returned tensor is overwritten by the next replay.
             token = self._step(token, slot, positions, kv.keys, kv.values, valid, cos, sin).clone()
-            slot += 1
-            positions += 1
-        return torch.stack(tokens, 1)
+            slot.add_(1)
+            positions.add_(1)
+            return token
+
+        first = model.head_logits(kv.last_hidden, self.group).argmax(-1) + self.start
+        return greedy_tokens(first, advance, max_new_tokens, eos_id)
 
     def _forward_step(
         self,
