@@ -479,11 +479,16 @@ class OmniModel(nn.Module):
         # The rotary table is grown here, never inside a compiled pass.
         cos, sin = self.rotary.table(prompt + length, cache.hidden.dtype, response.device)
         run = compiled_positions_pass(self) if compiled else self.positions_pass
+        graphs = compiled and response.device.type == "cuda"
+        if graphs:  # each call is a new step of the CUDA graph trees: replays may reuse outputs
+            torch.compiler.cudagraph_mark_step_begin()
         # A new tensor: callers compare it with the previous step's.
         cache.hidden = run(
             response, picked, instruction.lengths, key_valid, cos, sin, cache.joint_keys,
             cache.joint_values, cache.outputs, cache.hidden,
         )  # fmt: skip
+        if graphs:  # kept past the next replay, which overwrites the graph's own output
+            cache.hidden = cache.hidden.clone()
         cache.recomputed = len(self.layers) * batch * picked.shape[1]
         return cache.hidden, cache
 

@@ -91,6 +91,8 @@ class StaticArDecoder:
         positions = kv.positions.clone()
 
         def advance(token: Tensor) -> Tensor:
+            if self.compile and device.type == "cuda":  # a new step of the CUDA graph trees
+                torch.compiler.cudagraph_mark_step_begin()
             # A copy: under CUDA graphs the returned tensor is overwritten by the next replay.
             token = self._step(token, slot, positions, kv.keys, kv.values, valid, cos, sin).clone()
             slot.add_(1)
