@@ -511,7 +511,8 @@ class OmniModel(nn.Module):
         outputs into ``outputs`` (``(B, R, H)`` each), and returns ``hidden`` (B, R, H) with
         their final-normed states scattered in. ``lengths``: Long[B] real instruction
         tokens; ``key_valid``: Bool[B, P + R] or None; ``cos``/``sin``: the rotary table
-        over at least ``P + R`` positions."""
+        over at least ``P + R`` positions. Attention goes through SDPA on every device
+        (flash-attn's varlen calls would read lengths back to the host at every step)."""
         prompt = joint_keys[0].shape[2] - response.shape[1]
         mask = AttentionMask(key_valid)
         x = self.embed(response.gather(1, picked))  # (B, n, H)
