@@ -77,3 +77,38 @@ def test_the_active_cache_counts_only_what_it_recomputes(model) -> None:  # noqa
     recomputed = layers * BATCH * (LENGTH + 4 + 6 + 4)
     assert active.flops == (recomputed + layers * BATCH * PROMPT) * per_position + head
     assert active.flops < exact.flops
+
+
+class Timed:
+    """A decoder call that takes a set number of seconds (``timed`` reads them)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.recomputed_fraction, self.flops = seconds, 1.0, 1.0
+
+    def __call__(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("compiled_faster", [True, False])
+def test_every_ratio_is_against_the_faster_ar(
+    model,  # noqa: ANN001
+    monkeypatch: pytest.MonkeyPatch,
+    compiled_faster: bool,
+) -> None:
+    seconds = {"dfm_block": 4.0, "ar": 2.0, "ar_compiled": 1.0 if compiled_faster else 3.0}
+    modes = tuple(seconds)
+    namespace = BENCHMARK["measure"].__globals__  # run_path returned a copy of it
+    monkeypatch.setitem(
+        namespace, "decoders", lambda *args, **kwargs: {m: Timed(s) for m, s in seconds.items()}
+    )
+    monkeypatch.setitem(namespace, "timed", lambda run, device: run.seconds)
+    instruction = torch.zeros(BATCH, PROMPT, dtype=torch.long)
+    sampler = SamplerConfig(tokens_per_step=2, temperature=0)
+    row = BENCHMARK["measure"](
+        model, instruction, LENGTH, sampler, sampler, modes, 1, torch.device("cpu")
+    )
+    fastest = min(seconds["ar"], seconds["ar_compiled"])
+    assert row["ar_yardstick"] == ("ar_compiled" if compiled_faster else "ar")
+    assert row["ratio_dfm_block_vs_ar"] == fastest / seconds["dfm_block"]
+    assert row["ratio_ar_compiled_vs_ar"] == round(seconds["ar"] / seconds["ar_compiled"], 3)
+    assert row["ar_seconds_per_token"] == round(fastest / LENGTH, 4)
