@@ -299,7 +299,9 @@ def measure(
     seconds: dict[str, list[float]] = {m: [] for m in modes}
     # Warm-up (kernels, allocator, rotary tables, packed weights) on a canvas of at most
     # WARMUP_LENGTH: what it settles does not depend on the length, and at 1024 tokens a
-    # full-length warm-up would double minutes-long runs.
+    # full-length warm-up would double minutes-long runs. The compiled modes are the
+    # exception: they compile per shape, so ar_compiled warms up at the timed cache capacity
+    # and dfm_block_compiled on the timed canvas itself.
     warm = decoders(
         model, instruction, min(length, WARMUP_LENGTH), sampler, block, modes, compiled_ar,
         capacity,
