@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 examples_app = typer.Typer(
@@ -75,7 +76,7 @@ def digits(
         with console.status(f"building the digits corpus in {out} ..."):
             report = build(out, options)
     except (CorpusBuildError, SpeechUnavailable, SpeechFailed, OSError) as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2 if isinstance(exc, InvalidOptions) else 1) from None
     table = Table(title=f"digits corpus in {report.out}")
     for column in ("task", "train", "eval", "all"):
