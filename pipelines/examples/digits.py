@@ -35,7 +35,13 @@ import numpy as np
 from pipelines.examples import speech, video
 from pipelines.examples.images import DigitImages, ink, load_digit_images, png_bytes
 from pipelines.examples.notices import licences_text, readme_text
-from pipelines.examples.words import DIGIT_WORDS, IMAGE_CAPTIONS, VIDEO_CAPTIONS
+from pipelines.examples.words import (
+    DIGIT_WORDS,
+    IMAGE_CAPTIONS,
+    VIDEO_CAPTIONS,
+    fill,
+    with_article,
+)
 
 MARKER = ".omni-examples.json"  # names the corpus and its options; a rebuild may replace it
 TASKS = ("caption", "speech", "video", "interleaved")
@@ -228,7 +234,7 @@ def _caption_documents(
     documents = []
     for index in indices:
         digit = int(images.labels[index])
-        caption = IMAGE_CAPTIONS[templates[index]].format(word=DIGIT_WORDS[digit], digit=digit)
+        caption = fill(IMAGE_CAPTIONS[templates[index]], digit)
         documents.append(
             _document(
                 f"caption-{index:04d}",
@@ -282,9 +288,7 @@ def _video_documents(
     for number, glyph in zip(planned, glyphs, strict=True):
         index, direction = int(sources[number]), video.DIRECTIONS[directions[number]]
         digit = int(images.labels[index])
-        caption = VIDEO_CAPTIONS[templates[number]].format(
-            word=DIGIT_WORDS[digit], digit=digit, direction=direction
-        )
+        caption = fill(VIDEO_CAPTIONS[templates[number]], digit, direction=direction)
         documents.append(
             _document(
                 f"video-{number:04d}",
@@ -391,7 +395,7 @@ def _spoken_document(
     elif layout == 1:
         segments = [_text(f"{word}, spoken"), heard, _text("and written"), seen]
     else:
-        segments = [seen, _text(f"is a {word}, which sounds like"), heard]
+        segments = [seen, _text(f"is {with_article(word)}, which sounds like"), heard]
     return _document(
         f"interleaved-{number:04d}",
         "interleaved",

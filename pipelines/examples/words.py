@@ -11,24 +11,36 @@ _TEENS = ("ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen
           "eighteen", "nineteen")  # fmt: skip
 _TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
 
-# {word}: "seven", {digit}: "7"; every template names the digit exactly once.
+# {word}: "seven", {a_word}: "a seven" / "an eight", {digit}: "7"; every template names
+# the digit exactly once.
 IMAGE_CAPTIONS = (
     "a handwritten {word}",
     "the digit {digit}",
     "a picture of the number {word}",
     "a handwritten digit {digit}",
     "the number {word}, written by hand",
-    "an image of a {word}",
+    "an image of {a_word}",
     "a scanned {word}",
     "{word}",
 )
 # {direction}: "left", "right", "up" or "down".
 VIDEO_CAPTIONS = (
-    "a {word} drifting {direction}",
+    "{a_word} drifting {direction}",
     "the digit {digit} moving {direction}",
     "a handwritten {word} sliding {direction}",
-    "a {word} that drifts {direction}",
+    "{a_word} that drifts {direction}",
 )
+
+
+def with_article(word: str) -> str:
+    """The word with its article, chosen by sound: "a seven", "an eight", "a one"."""
+    return f"an {word}" if word.startswith(("eight", "eleven")) else f"a {word}"
+
+
+def fill(template: str, digit: int, **fields: str) -> str:
+    """A caption template with ``digit`` as {word}, {a_word} and {digit}, and ``fields``."""
+    word = DIGIT_WORDS[digit]
+    return template.format(word=word, a_word=with_article(word), digit=digit, **fields)
 
 
 def number_words(number: int) -> str:

@@ -25,7 +25,7 @@ from pipelines.document_validation import TokenCosts, accept
 from pipelines.examples import speech
 from pipelines.examples.digits import limited
 from pipelines.examples.images import load_digit_images
-from pipelines.examples.words import DIGIT_WORDS, number_words
+from pipelines.examples.words import DIGIT_WORDS, number_words, with_article
 from pipelines.media_checks import MediaLimits
 from pipelines.pretokenize_worker import sample_meta
 from pipelines.readers.base import Split
@@ -236,7 +236,10 @@ def test_limited_keeps_each_splits_share_evenly_spaced() -> None:
     assert limited(items, None, lambda item: item[0]) == items
 
 
-def test_number_words() -> None:
+def test_number_words_and_articles() -> None:
+    assert [with_article(w) for w in ("one", "seven", "eight", "eleven")] == [
+        "a one", "a seven", "an eight", "an eleven"
+    ]  # fmt: skip
     assert [number_words(n) for n in (0, 7, 13, 40, 42, 99)] == [
         "zero", "seven", "thirteen", "forty", "forty two", "ninety nine"
     ]  # fmt: skip
