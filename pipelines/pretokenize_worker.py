@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from infra.storage import Storage, join
+from pipelines.documents import corpus_metadata
 from pipelines.stage_state import read_parquet
 from tokenization.audio import decode_audio
 from tokenization.bundle import Tokenizers
@@ -187,15 +188,6 @@ def sample_meta(
     if "label" in metadata:
         meta["label"] = metadata["label"]
     return meta
-
-
-def corpus_metadata(document: dict[str, Any]) -> dict[str, Any]:
-    """A shard row's ``metadata`` column (the reader's extra fields, as JSON) as a dict."""
-    try:
-        metadata = json.loads(document.get("metadata") or "{}")
-    except json.JSONDecodeError:
-        return {}
-    return metadata if isinstance(metadata, dict) else {}
 
 
 def read_documents(part: str, settings: WorkerSettings) -> list[dict[str, Any]]:
