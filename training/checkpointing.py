@@ -108,6 +108,40 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([tensor(s) for s in state["cuda"]])
 
 
+# ---------------------------------------------------------------------------- consolidation
+
+
+def gathered_state_dict(module: torch.nn.Module, rank: int) -> dict[str, torch.Tensor] | None:
+    """The full state dict of a ZeRO-3 ``module`` on rank 0 (None elsewhere), on the CPU.
+
+    Collective: every rank gathers the partitioned weights one submodule at a time (its
+    own parameters only) and lets them go before the next, so no rank ever holds more
+    than the largest submodule's weights at once; rank 0 copies each to the CPU. This is
+    how DeepSpeed's 16-bit save works, written out here for copies that cannot alias a
+    gather buffer and keys that match ``module.state_dict()``. A weight tied to two
+    submodules is one tensor under both names.
+    """
+    import deepspeed
+
+    state: dict[str, torch.Tensor] = {}
+    copies: dict[int, torch.Tensor] = {}
+    for prefix, sub in module.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        params = list(sub.named_parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+            if rank != 0:
+                continue
+            for name, param in params:
+                if id(param) not in copies:
+                    copies[id(param)] = param.detach().to("cpu", copy=True)
+                state[dot + name] = copies[id(param)]
+        if rank == 0:
+            for name, buffer in sub.named_buffers(recurse=False):
+                if name not in sub._non_persistent_buffers_set:
+                    state[dot + name] = buffer.detach().to("cpu", copy=True)
+    return state if rank == 0 else None
+
+
 # ---------------------------------------------------------------------------- discovery
 
 
