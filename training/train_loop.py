@@ -11,7 +11,7 @@ stop / fenced flags), so each term is normalised by its tokens over the whole wi
 every rank. After the step a second all-reduce gathers the loss sums, per-bucket losses
 and GradNorm's squared gradient norms for logging and for the loss weights.
 
-Everything random is derived from ``(seed, rank, step, micro-batch)`` or restored from the
+Everything random is derived from ``(seed, step, place in the global batch)`` or restored from the
 checkpoint, so a run resumed from a checkpoint repeats the uninterrupted run's steps bit for
 bit on CPU.
 """
@@ -42,6 +42,7 @@ from training.checkpointing import (
     CheckpointWriter,
     WeightsOnlyCheckpointEngine,
     fetch_local,
+    gathered_state_dict,
     rank_file,
     rng_state,
     set_rng_state,
@@ -294,8 +295,16 @@ class Trainer:
         return float(state.stop), 0.0
 
     def _generator(self, step: int, micro: int) -> torch.Generator:
+        """The corruption draws of micro-batch ``micro`` of ``step`` on this rank.
+
+        Seeded by the micro-batch's place in the step's global batch (micro-batch-major,
+        then rank), so the same global batch is corrupted alike whether it is spread over
+        ranks or accumulated on fewer: 2 ranks x accumulation 1 and 1 rank x accumulation 2
+        see the same draws.
+        """
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(_seed(self.cfg.seed, self.rank, step, micro))
+        index = micro * self.world + self.rank
+        generator.manual_seed(_seed(self.cfg.seed, step, index))
         return generator
 
     def train_step(self, step: int) -> StepResult:
@@ -379,8 +388,10 @@ class Trainer:
         )  # fmt: skip
         loss = anchor
         for term, value in terms.items():
-            loss = loss + weights.get(term, 0.0) * scales[term] * value
-        if isinstance(self.weighting, GradNorm) and terms:
+            # Every term enters the graph, a term with no token in the window at scale 0:
+            # each rank then runs the same backward through the same modules (ZeRO-3).
+            loss = loss + weights.get(term, 0.0) * scales.get(term, 0.0) * value
+        if isinstance(self.weighting, GradNorm):
             self._measure_gradients(item, hidden, totals, squares)
         self.engine.backward(loss)
         if self.clip_here and self.engine.is_gradient_accumulation_boundary():
@@ -388,7 +399,8 @@ class Trainer:
             self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
         self.engine.step()
         for term, value in terms.items():
-            sums[term] += float(value.detach()) / totals[term]
+            if totals[term]:
+                sums[term] += float(value.detach()) / totals[term]
         if "ce" in terms:
             bucket_ce[batch.bucket][0] += float(terms["ce"].detach())
             bucket_ce[batch.bucket][1] += item.counts["ce"]
@@ -396,13 +408,19 @@ class Trainer:
     def _measure_gradients(
         self, item: Prepared, hidden: Tensor, totals: dict[str, float], squares: dict[str, float]
     ) -> None:
-        """Add each term's squared gradient norm at the shared hidden state (GradNorm's G_i)."""
+        """Add each term's squared gradient norm at the shared hidden state (GradNorm's G_i).
+
+        Runs on every rank for every micro-batch, tokens or not: under ZeRO-3 the gather of
+        the heads is a collective.
+        """
         shared = hidden.detach().requires_grad_(True)
         with self._gathered_heads():
             terms = self.objective.term_sums(
                 shared, item.inputs, item.targets, item.scored, item.t, detached_heads=True
             )
             for term, value in terms.items():
+                if not totals[term]:
+                    continue
                 (grad,) = torch.autograd.grad(value / totals[term], shared, retain_graph=True)
                 squares[term] += float(grad.float().pow(2).sum())
 
@@ -449,15 +467,12 @@ class Trainer:
         self.writer.finish(step, barrier=dist.barrier)
 
     def _save_consolidated(self, folder: Path) -> None:
-        """``OmniModel.save`` of the full weights (gathered first under ZeRO-3), rank 0 writes."""
+        """``OmniModel.save`` of the full weights, rank 0 writes; under ZeRO-3 every rank
+        first gathers them one submodule at a time (never the whole model at once)."""
         if self.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(
-                list(self.model.parameters()), modifier_rank=None
-            ):
-                if self.rank == 0:
-                    self.model.save(folder)
+            state = gathered_state_dict(self.model, self.rank)
+            if state is not None:
+                self.model.save(folder, state)
         elif self.rank == 0:
             self.model.save(folder)
 

@@ -226,7 +226,7 @@ def test_gradnorm_norms_come_from_the_heads_alone() -> None:
     attached = obj.term_sums(hidden, p.inputs, p.targets, p.scored, p.t)
     shared = hidden.detach().requires_grad_(True)
     detached = obj.term_sums(shared, p.inputs, p.targets, p.scored, p.t, detached_heads=True)
-    assert set(detached) == set(attached) == {"ce", "rec_image"}
+    assert set(detached) == set(attached) == {"ce", "rec_image", "rec_audio"}
     params = list(model.parameters())
     for term, value in detached.items():
         (mine, *to_params) = torch.autograd.grad(value, [shared, *params], retain_graph=True,
