@@ -78,6 +78,7 @@ class WorkerPlan:
     codebooks: dict[str, np.ndarray]
     train: dict[str, Any]
     shards: dict[str, list[str]]
+    shard_samples: dict[str, int]  # samples per shard URI (the tokens manifest's counts)
     weights: dict[str, float]
     fingerprints: dict[str, str]
     resume_step: int | None = None
@@ -201,6 +202,7 @@ class Trainer:
                 max_length=cfg.max_length,
                 prefetch=cfg.prefetch,
                 storage_options=self._storage_options(),
+                shard_samples=plan.shard_samples or None,
             ),
             start,
         )

@@ -220,6 +220,7 @@ def worker_plan(
         codebooks=inputs.codebooks,
         train=config.train.model_dump(mode="json"),
         shards=inputs.shards,
+        shard_samples=inputs.shard_samples,
         weights=inputs.weights,
         fingerprints=_fingerprints(config, inputs),
         resume_step=resume_step,
