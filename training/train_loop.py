@@ -18,6 +18,7 @@ bit on CPU.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -43,6 +44,7 @@ from training.checkpointing import (
     WeightsOnlyCheckpointEngine,
     fetch_local,
     gathered_state_dict,
+    needed_to_resume,
     rank_file,
     rng_state,
     set_rng_state,
@@ -242,9 +244,10 @@ class Trainer:
         """Load the checkpoint ``plan.resume_step``: engine, rank state, RNG, loss weights."""
         step = self.plan.resume_step
         uri = join(self.plan.run_dir, step_name(step))
-        # From s3:// the copy is the whole checkpoint (optimizer states included): gone after.
+        # From s3://, a copy of this rank's files and the shared ones only: gone after.
         with tempfile.TemporaryDirectory(prefix="omni-resume-") as scratch:
-            local = fetch_local(self.storage, uri, Path(scratch))
+            mine = functools.partial(needed_to_resume, rank=self.rank)
+            local = fetch_local(self.storage, uri, Path(scratch), mine)
             self.engine.load_checkpoint(
                 str(local.parent), tag=local.name, load_optimizer_states=True,
                 load_lr_scheduler_states=True,
