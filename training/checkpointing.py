@@ -16,7 +16,8 @@
 
 On an ``s3://`` workspace every rank writes to a local staging folder and a background
 thread uploads it (the next checkpoint waits for the previous upload); each rank leaves
-an ``_UPLOADED-rank-R`` flag and rank 0's uploader writes the marker once all flags exist.
+an ``_UPLOADED-rank-R-<attempt>`` flag and rank 0's uploader writes the marker once all
+flags of its attempt (worker group) exist.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ STEP_DIR = re.compile(r"^step-(\d{7,})$")
 # Files of one world rank: its state, its upload flag, its ZeRO partitions (DeepSpeed's
 # ``[bf16_]zero_pp_rank_<dp rank>_mp_rank_<mp>_{optim,model}_states.pt``).
 RANK_FILE = re.compile(
-    r"^(?:rank-(\d+)\.json|_UPLOADED-rank-(\d+)|(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_\w+\.pt)$"
+    r"^(?:rank-(\d+)\.json|_UPLOADED-rank-(\d+)(?:-\w+)?"
+    r"|(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_\w+\.pt)$"
 )
 log = logging.getLogger(__name__)
 
@@ -236,11 +238,13 @@ class CheckpointWriter:
         rank: int,
         world: int,
         keep_last: int,
+        attempt: str = "0",
         on_complete: Callable[[int, str], None] | None = None,
         on_removed: Callable[[int], None] | None = None,
     ) -> None:
         self.storage, self.run_dir = storage, run_dir
         self.rank, self.world, self.keep_last = rank, world, keep_last
+        self.attempt = attempt
         self.on_complete, self.on_removed = on_complete, on_removed
         self.remote = is_remote(run_dir)
         self.staging = Path(tempfile.mkdtemp(prefix="omni-ckpt-")) if self.remote else None
@@ -305,7 +309,7 @@ class CheckpointWriter:
                 if (0 if owner is None else owner) != self.rank:
                     continue
                 fs.put_file(str(path), f"{root}/{relative}")
-            self.storage.write_bytes(join(target, f"{UPLOADED}{self.rank}"), b"")
+            self.storage.write_bytes(join(target, self._flag(self.rank)), b"")
             if self.rank == 0:
                 self._await_flags(target)
                 self._complete(step)
@@ -315,11 +319,16 @@ class CheckpointWriter:
 
     def _await_flags(self, target: str, timeout_s: float = 3600.0) -> None:
         deadline = time.monotonic() + timeout_s
-        flags = [join(target, f"{UPLOADED}{r}") for r in range(self.world)]
+        flags = [join(target, self._flag(r)) for r in range(self.world)]
         while not all(self.storage.exists(flag) for flag in flags):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"ranks did not finish uploading {target}")
             time.sleep(1.0)
+
+    def _flag(self, rank: int) -> str:
+        """Rank ``rank``'s upload flag in this attempt: a flag left by a worker group that
+        died mid-upload (before a restart) never counts for the new group's upload."""
+        return f"{UPLOADED}{rank}-{self.attempt}"
 
     def _complete(self, step: int) -> None:
         uri = self.step_uri(step)

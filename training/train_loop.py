@@ -22,6 +22,7 @@ import functools
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -44,6 +45,7 @@ from training.checkpointing import (
     WeightsOnlyCheckpointEngine,
     fetch_local,
     gathered_state_dict,
+    latest_complete,
     needed_to_resume,
     rank_file,
     rng_state,
@@ -83,8 +85,6 @@ class WorkerPlan:
     shard_samples: dict[str, int]  # samples per shard URI (the tokens manifest's counts)
     weights: dict[str, float]
     fingerprints: dict[str, str]
-    resume_step: int | None = None
-    last_logged_step: int = 0
 
 
 @dataclass
@@ -190,7 +190,8 @@ class Trainer:
             else FixedWeights(initial)
         )
         self.buckets = sorted(plan.weights)
-        start = self._restore() if plan.resume_step is not None else None
+        resume_step, attempt = self._start_point()
+        start = self._restore(resume_step) if resume_step is not None else None
         self.source = BatchSource(
             SourceSettings(
                 shards=plan.shards,
@@ -214,14 +215,11 @@ class Trainer:
             self.rank,
             self.world,
             cfg.keep_last,
+            attempt=attempt,
             on_complete=self._on_checkpoint,
             on_removed=self._on_pruned,
         )
-        self.log = (
-            StepLog(plan.tracking_uri, plan.run_id, plan.last_logged_step)
-            if self.rank == 0
-            else None
-        )
+        self.log = StepLog(plan.tracking_uri, plan.run_id) if self.rank == 0 else None
         if self.log is not None:
             self.log.set_tag("deepspeed.zero_stage", str(self.zero_stage))
             if self.zero_stage != cfg.zero_stage:
@@ -240,9 +238,25 @@ class Trainer:
         first = next((s for shards in self.plan.shards.values() for s in shards), "")
         return self.storage.stream_options(first) if first.startswith("s3://") else None
 
-    def _restore(self) -> SourcePosition:
-        """Load the checkpoint ``plan.resume_step``: engine, rank state, RNG, loss weights."""
-        step = self.plan.resume_step
+    def _start_point(self) -> tuple[int | None, str]:
+        """Where this worker group starts, as rank 0 finds it, the same on every rank: the
+        run's latest complete checkpoint (None: a new run), and a token of this attempt.
+
+        A group started by ``omni train``, by ``--resume`` or by Ray Train after a lost
+        worker or node (``train.max_failures``) resumes through the same code, from the
+        last checkpoint that every rank finished.
+        """
+        found = [-1, 0]
+        if self.rank == 0:
+            latest = latest_complete(self.storage, self.plan.run_dir)
+            found = [-1 if latest is None else latest, int.from_bytes(os.urandom(6), "big")]
+        shared = torch.tensor(found, dtype=torch.int64, device=self.device)
+        dist.broadcast(shared, src=0)
+        step, attempt = (int(v) for v in shared.tolist())
+        return (None if step < 0 else step), f"{attempt:012x}"
+
+    def _restore(self, step: int) -> SourcePosition:
+        """Load the checkpoint of ``step``: engine, rank state, RNG, loss weights."""
         uri = join(self.plan.run_dir, step_name(step))
         # From s3://, a copy of this rank's files and the shared ones only: gone after.
         with tempfile.TemporaryDirectory(prefix="omni-resume-") as scratch:
