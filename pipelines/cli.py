@@ -177,8 +177,8 @@ def train(
         _fail(str(exc), 2)
     except (FileNotFoundError, StorageError, stage.TrainInputError) as exc:
         _fail(str(exc), 1)
-    except Exception as exc:  # a failed worker: Ray wraps it; its last line says what
-        _fail(f"training failed: {stage.stage.first_line(exc)}", 1)
+    except Exception as exc:  # failed workers, past train.max_failures: which and why
+        _fail(f"training failed: {stage.recovery.error_cause(exc)}", 1)
     render_train_report(report, console, config)
 
 

@@ -26,8 +26,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import ray
-
 from infra.config import ConfigError, apply_overrides, fingerprint
 from infra.ray_runtime import connect, disconnect
 from infra.storage import Storage, is_remote, join
@@ -36,6 +34,8 @@ from pipelines.corpus import absolute
 from pipelines.stage_state import RUNNING, SUCCESS, begin_stage, success_payload, write_marker
 from pipelines.train.fingerprints import expected_fingerprint, train_sections
 from pipelines.train.inputs import TrainInputError, TrainInputs, gather_inputs
+from pipelines.train.recovery import RecoveryLog, error_cause
+from pipelines.train.resources import wait_for_workers
 from training.checkpointing import latest_complete, step_name
 from training.model_config import load_model_config
 from training.run_control import RunControl
@@ -115,7 +115,7 @@ def run(
     uri = tracking_uri(config.mlflow, workspace)
     started_ray = connect(config.ray)
     try:
-        _check_resources(config.train)
+        wait_for_workers(config.train)
         if resume:
             run_id, resume_step = resume, latest_complete(storage, join(root, resume))
             client.update_run(run_id, status="RUNNING")
@@ -126,8 +126,7 @@ def run(
                      {"stage": STAGE, "fingerprint": stage_print, "run_id": run_id})  # fmt: skip
         control = RunControl(storage, run_dir)
         owner = control.claim()
-        plan = worker_plan(config, inputs, run_id, run_dir, uri, owner, resume_step,
-                           _last_logged_step(client, run_id) if resume else 0)  # fmt: skip
+        plan = worker_plan(config, inputs, run_id, run_dir, uri, owner)
         with _stop_on_signals(control, owner) as stopping:
             try:
                 _fit(config.train, plan)
@@ -135,7 +134,7 @@ def run(
                 if stopping.is_set():
                     client.set_terminated(run_id, "KILLED")
                 else:
-                    client.set_tag(run_id, "error", first_line(error)[:5000])
+                    client.set_tag(run_id, "error", error_cause(error)[:5000])
                     client.set_terminated(run_id, "FAILED")
                 raise
             status = "KILLED" if stopping.is_set() else "FINISHED"
@@ -203,10 +202,11 @@ def worker_plan(
     run_dir: str,
     uri: str,
     owner: str,
-    resume_step: int | None = None,
-    last_logged_step: int = 0,
 ) -> WorkerPlan:
-    """What every training worker is given for ``run_id``: the whole plan, JSON-safe."""
+    """What every training worker is given for ``run_id``: the whole plan, JSON-safe.
+
+    Where to resume is not in it: every worker group, the first or one Ray Train
+    restarted, finds the latest complete checkpoint in ``run_dir`` itself."""
     return WorkerPlan(
         run_id=run_id,
         tracking_uri=uri,
@@ -223,8 +223,6 @@ def worker_plan(
         shard_samples=inputs.shard_samples,
         weights=inputs.weights,
         fingerprints=_fingerprints(config, inputs),
-        resume_step=resume_step,
-        last_logged_step=last_logged_step,
     )
 
 
@@ -303,11 +301,6 @@ def _check_fingerprints(run: Any, inputs: TrainInputs, force: bool) -> None:
             )
 
 
-def _last_logged_step(client: Any, run_id: str) -> int:
-    history = client.get_metric_history(run_id, "train/loss")
-    return max((m.step for m in history), default=0)
-
-
 def _git_commit() -> str:
     try:
         done = subprocess.run(
@@ -343,22 +336,6 @@ def _split(artifact: str) -> tuple[str, str]:
 # ---------------------------------------------------------------------------- Ray
 
 
-def _check_resources(train: TrainConfig) -> None:
-    """Ray Train waits forever for resources a cluster lacks: refuse instead."""
-    total = ray.cluster_resources()
-    cpus = train.num_workers * train.cpus_per_worker
-    if cpus > total.get("CPU", 0):
-        raise ConfigError(
-            f"train.num_workers x train.cpus_per_worker = {cpus:g} CPUs, the Ray cluster has "
-            f"{total.get('CPU', 0):g}"
-        )
-    if train.use_gpu and train.num_workers > total.get("GPU", 0):
-        raise ConfigError(
-            f"train.use_gpu with train.num_workers={train.num_workers}: the Ray cluster has "
-            f"{total.get('GPU', 0):g} GPUs"
-        )
-
-
 def _fit(train: TrainConfig, plan: WorkerPlan) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -375,7 +352,14 @@ def _fit(train: TrainConfig, plan: WorkerPlan) -> None:
         run_config=RunConfig(
             name=f"omni-{plan.run_id}-{plan.owner[:8]}",
             storage_path=str(Path(tempfile.gettempdir()) / "omni-ray-train"),
-            failure_config=FailureConfig(max_failures=0),
+            # A lost worker or node restarts the worker group, which resumes from the
+            # latest complete checkpoint by itself; RecoveryLog makes each restart visible.
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            callbacks=[
+                RecoveryLog(
+                    plan.tracking_uri, plan.run_id, train.max_failures, plan.storage, plan.run_dir
+                )
+            ],
         ),
     )
     trainer.fit()
