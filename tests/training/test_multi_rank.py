@@ -171,7 +171,8 @@ def test_two_ranks_equal_one_rank_accumulating_two(
     """The same global batch, spread over 2 ranks or accumulated on 1, gives the same
     step: window normalisation, DeepSpeed's averaging and clipping, GradNorm's sums."""
     one = run_ranks(tmp_path / "one", shards, num_workers=1, grad_accum=2)
-    assert one["ranks"][0]["zero_stage"] == 0  # one rank: DeepSpeed at stage 0
+    assert one["ranks"][0]["zero_stage"] == 0  # one rank: DeepSpeed at stage 0, the trainer
+    assert all("train/grad_norm" in m for m in one["metrics"].values())  # clips, logs the norm
     np.testing.assert_allclose(one["losses"], zero2["losses"], rtol=RTOL)
     for key in ("train/loss_ce", "train/loss_rec_image", "gradnorm/weight_ce"):
         got = [one["metrics"][str(s)][key] for s in range(1, STEPS + 1)]
