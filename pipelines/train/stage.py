@@ -6,10 +6,12 @@ The pattern is torchtitan's: the loop and its components live in ``training/``; 
 module only assembles a run from the config and owns its lifecycle. The run's checkpoints
 and control file live under ``<workspace>/checkpoints/<run_id>/``; Ray Train's own
 checkpointing is not used (a reused Ray run name would restore silently, and DeepSpeed
-writes its own state), so a Ray Train run is one attempt, named after the MLflow run and
-the attempt's owner token. Resume (``--resume RUN_ID``) reads the logged ``model`` and
-``train`` sections from MLflow, the latest complete checkpoint from the workspace, and
-logs into the same run from the next step.
+writes its own state), so a Ray Train run belongs to one driver, named after the MLflow
+run and the driver's owner token. Within it Ray Train restarts the worker group after a
+lost worker or node (``train.max_failures``, ``recovery.py``); every group, first or
+restarted, resumes from the latest complete checkpoint by itself. Resume by hand
+(``--resume RUN_ID``) reads the logged ``model`` and ``train`` sections from MLflow and
+starts a new driver on the same run, which its workers resume the same way.
 """
 
 from __future__ import annotations
