@@ -11,9 +11,9 @@ stop / fenced flags), so each term is normalised by its tokens over the whole wi
 every rank. After the step a second all-reduce gathers the loss sums, per-bucket losses
 and GradNorm's squared gradient norms for logging and for the loss weights.
 
-Everything random is derived from ``(seed, step, place in the global batch)`` or restored from the
-checkpoint, so a run resumed from a checkpoint repeats the uninterrupted run's steps bit for
-bit on CPU.
+Everything random is derived from ``(seed, step, place in the global batch)`` or restored
+from the checkpoint, so a run resumed from a checkpoint repeats the uninterrupted run's
+steps bit for bit on CPU.
 """
 
 from __future__ import annotations
@@ -454,9 +454,8 @@ class Trainer:
         for term, value in terms.items():
             if totals[term]:
                 sums[term] += float(value.detach()) / totals[term]
-        if "ce" in terms:
-            bucket_ce[batch.bucket][0] += float(terms["ce"].detach())
-            bucket_ce[batch.bucket][1] += item.counts["ce"]
+        bucket_ce[batch.bucket][0] += float(terms["ce"].detach())
+        bucket_ce[batch.bucket][1] += item.counts["ce"]
 
     def _measure_gradients(
         self, item: Prepared, hidden: Tensor, totals: dict[str, float], squares: dict[str, float]
