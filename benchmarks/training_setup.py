@@ -139,6 +139,7 @@ def batch_source(
     return BatchSource(
         SourceSettings(
             shards=inputs.shards,
+            shard_samples=inputs.shard_samples,
             weights=dict(weights or inputs.weights),
             seed=train.seed,
             rank=0,

@@ -21,7 +21,7 @@ from evaluation.errors import EvalInputError
 from infra.storage import Storage, join
 from tokenization.bundle import Tokenizers
 from tokenization.vocab import LayoutMismatchError
-from training.checkpointing import MODEL_DIR, complete_steps, fetch_local, step_name
+from training.checkpointing import complete_steps, fetch_model, step_name
 from training.dfm import ProbPath, build_path
 from training.model import MEDIA, OmniModel
 from training.train_config import ModelSection
@@ -132,8 +132,7 @@ def load_checkpoint(
     """Weights of ``run`` at complete checkpoint ``step``, checked against ``tokenizers``."""
     uri = join(run_dir(workspace, run.run_id), step_name(step))
     with tempfile.TemporaryDirectory(prefix="omni-eval-") as scratch:
-        local = fetch_local(storage, uri, Path(scratch))
-        model = OmniModel.load(local / MODEL_DIR)
+        model = OmniModel.load(fetch_model(storage, uri, Path(scratch)))
     try:
         tokenizers.layout.check_same(model.layout, f"checkpoint {uri}")
     except LayoutMismatchError as error:

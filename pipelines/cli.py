@@ -164,7 +164,10 @@ def train(
     state, and a consolidated `model/` that evaluation loads without DeepSpeed).
 
     `--resume RUN_ID` continues a run from its latest complete checkpoint with the model and
-    train settings it was logged with, into the same MLflow run, step for step. SIGTERM or
+    train settings it was logged with, into the same MLflow run, step for step. A lost worker
+    or node restarts the workers from the latest complete checkpoint by itself, up to
+    `train.max_failures` times (metric `train/restarts`, tag `train.restart_cause`); a cluster
+    without the workers' resources is waited for up to `train.resources_timeout_s`. SIGTERM or
     Ctrl-C checkpoints and stops (status KILLED); a second Ctrl-C aborts.
     Exit codes: 0 done or stopped, 1 missing input, unknown run or failed training, 2 config.
     """
@@ -178,8 +181,8 @@ def train(
         _fail(str(exc), 2)
     except (FileNotFoundError, StorageError, stage.TrainInputError) as exc:
         _fail(str(exc), 1)
-    except Exception as exc:  # a failed worker: Ray wraps it; its last line says what
-        _fail(f"training failed: {stage.stage.first_line(exc)}", 1)
+    except Exception as exc:  # failed workers, past train.max_failures: which and why
+        _fail(f"training failed: {stage.recovery.error_cause(exc)}", 1)
     render_train_report(report, console, config)
 
 

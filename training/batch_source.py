@@ -23,6 +23,10 @@ from training.micro_batch import MicroBatch, collate
 from training.token_stream import BucketStream, StreamState
 
 
+class BucketTooLongError(ValueError):
+    """Every sample of a bucket is longer than ``train.max_length``: training cannot go on."""
+
+
 @dataclass
 class SourceSettings:
     """What a rank reads: shards per bucket, its place in the world, batch shape."""
@@ -38,6 +42,7 @@ class SourceSettings:
     max_length: int
     prefetch: int
     storage_options: dict[str, Any] | None = None
+    shard_samples: dict[str, int] | None = None  # samples per shard; None = count them
 
 
 @dataclass
@@ -64,6 +69,7 @@ class BatchSource:
                 seed=settings.seed,
                 rank=settings.rank,
                 world=settings.world,
+                sizes=settings.shard_samples,
                 state=StreamState.from_dict(states[bucket]) if bucket in states else None,
                 storage_options=settings.storage_options,
             )
@@ -98,12 +104,22 @@ class BatchSource:
         bucket = self.schedule.next()
         schedule_state = self.schedule.state_dict()
         stream = self.streams[bucket]
-        samples = []
+        samples, in_a_row = [], 0
         while len(samples) < s.micro_batch_size:
             sample = next(stream)
             if self._length(sample) > s.max_length:
                 self.too_long[bucket] += 1
+                in_a_row += 1
+                # Twice a share's samples in a row hold one whole share of an epoch.
+                if in_a_row >= 2 * stream.samples_per_epoch:
+                    raise BucketTooLongError(
+                        f"bucket {bucket!r}: no sample fits train.max_length={s.max_length} "
+                        f"(the last {in_a_row} on rank {s.rank}, a whole epoch's share, were "
+                        "all longer, DGS padding included): raise train.max_length or leave "
+                        "the bucket out of train.bucket_weights"
+                    )
                 continue
+            in_a_row = 0
             samples.append(sample)
         batch = collate(samples, bucket, s.pad_id, s.dgs_block, stream.state.to_dict())
         return batch, schedule_state

@@ -16,7 +16,8 @@
 
 On an ``s3://`` workspace every rank writes to a local staging folder and a background
 thread uploads it (the next checkpoint waits for the previous upload); each rank leaves
-an ``_UPLOADED-rank-R`` flag and rank 0's uploader writes the marker once all flags exist.
+an ``_UPLOADED-rank-R-<attempt>`` flag and rank 0's uploader writes the marker once all
+flags of its attempt (worker group) exist.
 """
 
 from __future__ import annotations
@@ -43,7 +44,14 @@ from infra.storage import Storage, is_remote, join
 COMPLETE = "_COMPLETE.json"
 TRAINER_STATE = "trainer.json"
 MODEL_DIR = "model"
+UPLOADED = "_UPLOADED-rank-"
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
+# Files of one world rank: its state, its upload flag, its ZeRO partitions (DeepSpeed's
+# ``[bf16_]zero_pp_rank_<dp rank>_mp_rank_<mp>_{optim,model}_states.pt``).
+RANK_FILE = re.compile(
+    r"^(?:rank-(\d+)\.json|_UPLOADED-rank-(\d+)(?:-\w+)?"
+    r"|(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_\w+\.pt)$"
+)
 log = logging.getLogger(__name__)
 
 
@@ -53,6 +61,24 @@ def step_name(step: int) -> str:
 
 def rank_file(rank: int) -> str:
     return f"rank-{rank}.json"
+
+
+def rank_of(relative: str) -> int | None:
+    """The world rank checkpoint file ``relative`` belongs to; None for a shared file
+    (DeepSpeed's ZeRO 0-2 model states, ``trainer.json``, ``model/``, the marker)."""
+    match = RANK_FILE.match(relative.rsplit("/", 1)[-1])
+    if match is None:
+        return None
+    return int(next(group for group in match.groups() if group is not None))
+
+
+def needed_to_resume(relative: str, rank: int) -> bool:
+    """Whether world rank ``rank`` reads checkpoint file ``relative`` when it resumes: its
+    own files and the shared ones; not another rank's partitions (each rank loads only its
+    own), not the consolidated ``model/``, not the upload flags."""
+    if relative.startswith(f"{MODEL_DIR}/") or relative.rsplit("/", 1)[-1].startswith(UPLOADED):
+        return False
+    return rank_of(relative) in (None, rank)
 
 
 def _deepspeed_state_classes() -> list[Any]:
@@ -108,6 +134,40 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([tensor(s) for s in state["cuda"]])
 
 
+# ---------------------------------------------------------------------------- consolidation
+
+
+def gathered_state_dict(module: torch.nn.Module, rank: int) -> dict[str, torch.Tensor] | None:
+    """The full state dict of a ZeRO-3 ``module`` on rank 0 (None elsewhere), on the CPU.
+
+    Collective: every rank gathers the partitioned weights one submodule at a time (its
+    own parameters only) and lets them go before the next, so no rank ever holds more
+    than the largest submodule's weights at once; rank 0 copies each to the CPU. This is
+    how DeepSpeed's 16-bit save works, written out here for copies that cannot alias a
+    gather buffer and keys that match ``module.state_dict()``. A weight tied to two
+    submodules is one tensor under both names.
+    """
+    import deepspeed
+
+    state: dict[str, torch.Tensor] = {}
+    copies: dict[int, torch.Tensor] = {}
+    for prefix, sub in module.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        params = list(sub.named_parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+            if rank != 0:
+                continue
+            for name, param in params:
+                if id(param) not in copies:
+                    copies[id(param)] = param.detach().to("cpu", copy=True)
+                state[dot + name] = copies[id(param)]
+        if rank == 0:
+            for name, buffer in sub.named_buffers(recurse=False):
+                if name not in sub._non_persistent_buffers_set:
+                    state[dot + name] = buffer.detach().to("cpu", copy=True)
+    return state if rank == 0 else None
+
+
 # ---------------------------------------------------------------------------- discovery
 
 
@@ -132,14 +192,33 @@ def read_json(storage: Storage, uri: str) -> dict[str, Any]:
     return json.loads(storage.read_bytes(uri))
 
 
-def fetch_local(storage: Storage, step_uri: str, scratch: Path) -> Path:
-    """A local folder with the checkpoint ``step_uri`` (itself when local, else a copy)."""
+def fetch_local(
+    storage: Storage, step_uri: str, scratch: Path, keep: Callable[[str], bool] | None = None
+) -> Path:
+    """A local folder with the checkpoint ``step_uri``: itself when local, else a copy in
+    ``scratch`` of the files whose path relative to it ``keep`` accepts (None = all)."""
     if not is_remote(step_uri):
         return Path(step_uri)
     target = scratch / step_uri.rstrip("/").rsplit("/", 1)[-1]
     fs, root = storage.filesystem(step_uri)
-    fs.get(root.rstrip("/") + "/", str(target) + "/", recursive=True)
+    root = root.rstrip("/")
+    remote = [path for path in fs.find(root) if keep is None or keep(path[len(root) + 1 :])]
+    local = [str(target / path[len(root) + 1 :]) for path in remote]
+    for path in local:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if remote:
+        fs.get(remote, local)
     return target
+
+
+def fetch_model(storage: Storage, step_uri: str, scratch: Path) -> Path:
+    """A local copy of the checkpoint's ``model/`` alone (what evaluation and generation
+    read; the optimizer partitions are many times its size), or the folder itself."""
+
+    def in_model(relative: str) -> bool:
+        return relative.startswith(f"{MODEL_DIR}/")
+
+    return fetch_local(storage, step_uri, scratch, in_model) / MODEL_DIR
 
 
 # ---------------------------------------------------------------------------- writing
@@ -159,11 +238,13 @@ class CheckpointWriter:
         rank: int,
         world: int,
         keep_last: int,
+        attempt: str = "0",
         on_complete: Callable[[int, str], None] | None = None,
         on_removed: Callable[[int], None] | None = None,
     ) -> None:
         self.storage, self.run_dir = storage, run_dir
         self.rank, self.world, self.keep_last = rank, world, keep_last
+        self.attempt = attempt
         self.on_complete, self.on_removed = on_complete, on_removed
         self.remote = is_remote(run_dir)
         self.staging = Path(tempfile.mkdtemp(prefix="omni-ckpt-")) if self.remote else None
@@ -222,10 +303,13 @@ class CheckpointWriter:
             fs, root = self.storage.filesystem(target)
             for path in sorted(p for p in source.rglob("*") if p.is_file()):
                 relative = path.relative_to(source).as_posix()
-                if self.rank != 0 and not _rank_owned(relative, self.rank):
+                # Each file once, from the rank that wrote it: a rank's own files by it,
+                # the shared ones (DeepSpeed's model states, trainer.json, model/) by rank 0.
+                owner = rank_of(relative)
+                if (0 if owner is None else owner) != self.rank:
                     continue
                 fs.put_file(str(path), f"{root}/{relative}")
-            self.storage.write_bytes(join(target, f"_UPLOADED-rank-{self.rank}"), b"")
+            self.storage.write_bytes(join(target, self._flag(self.rank)), b"")
             if self.rank == 0:
                 self._await_flags(target)
                 self._complete(step)
@@ -235,11 +319,16 @@ class CheckpointWriter:
 
     def _await_flags(self, target: str, timeout_s: float = 3600.0) -> None:
         deadline = time.monotonic() + timeout_s
-        flags = [join(target, f"_UPLOADED-rank-{r}") for r in range(self.world)]
+        flags = [join(target, self._flag(r)) for r in range(self.world)]
         while not all(self.storage.exists(flag) for flag in flags):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"ranks did not finish uploading {target}")
             time.sleep(1.0)
+
+    def _flag(self, rank: int) -> str:
+        """Rank ``rank``'s upload flag in this attempt: a flag left by a worker group that
+        died mid-upload (before a restart) never counts for the new group's upload."""
+        return f"{UPLOADED}{rank}-{self.attempt}"
 
     def _complete(self, step: int) -> None:
         uri = self.step_uri(step)
@@ -257,13 +346,3 @@ class CheckpointWriter:
             self.storage.remove(uri, recursive=True)
             if self.on_removed is not None:
                 self.on_removed(old)
-
-
-def _rank_owned(relative: str, rank: int) -> bool:
-    """Files a non-zero rank uploads itself: its state file and its ZeRO partitions.
-
-    Everything else (the model states of DeepSpeed, ``trainer.json``, ``model/``) is rank
-    0's, so on a multi-node cluster each file is uploaded once, from the node that wrote it.
-    """
-    name = relative.rsplit("/", 1)[-1]
-    return name == rank_file(rank) or f"_rank_{rank}_" in name or f"dp_rank_{rank}_" in name

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -633,13 +633,16 @@ class OmniModel(nn.Module):
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, directory: str | Path) -> None:
-        """Weights (safetensors, tied tensors once), model config and vocabulary layout."""
+    def save(self, directory: str | Path, state: Mapping[str, Tensor] | None = None) -> None:
+        """Weights (safetensors, tied tensors once), model config and vocabulary layout.
+
+        ``state``: the weights to write instead of ``self.state_dict()`` (the full weights
+        of a model whose own parameters are ZeRO-3 partitions), with the same keys.
+        """
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file(
-            _distinct_tensors(self.state_dict()), str(folder / WEIGHTS_FILE), {"format": "pt"}
-        )
+        weights = _distinct_tensors(dict(state) if state is not None else self.state_dict())
+        save_file(weights, str(folder / WEIGHTS_FILE), {"format": "pt"})
         # The weights now live here: a reload must not start from the pretrained LM again.
         config = self.config.model_copy(update={"pretrained": None})
         (folder / CONFIG_FILE).write_text(config.model_dump_json(indent=2))

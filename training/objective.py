@@ -50,11 +50,12 @@ class Prepared:
 class Objective(nn.Module):
     """Wraps the model so one ``forward`` returns every term's sum; DeepSpeed drives it.
 
-    ``forward`` returns ``(sums, hidden, anchor)``: ``sums[term]`` Float[] for each term
-    with at least one scored position; the final hidden states (B, L, H) whose gradient
-    GradNorm measures per term; and ``anchor``, a zero that depends on every head, added
-    to the loss so each parameter gets a gradient (zero if unused) in every micro-batch
-    on every rank, which ZeRO's gradient reduction expects.
+    ``forward`` returns ``(sums, hidden, anchor)``: ``sums[term]`` Float[] for every term of
+    the objective (``ce``, and ``rec_image`` / ``rec_audio`` for DFM; zero without tokens);
+    the final hidden states (B, L, H) whose gradient GradNorm measures per term; and
+    ``anchor``, a zero that depends on every head, added to the loss so each parameter
+    gets a gradient (zero if unused) in every micro-batch on every rank, which ZeRO's
+    gradient reduction expects.
     """
 
     def __init__(self, model: OmniModel, kind: str, path: ProbPath | None, loss: str) -> None:
@@ -124,7 +125,8 @@ class Objective(nn.Module):
         t: Tensor,
         detached_heads: bool = False,
     ) -> dict[str, Tensor]:
-        """Every term's sum from the final ``hidden`` (B, L, H).
+        """Every term's sum from the final ``hidden`` (B, L, H): each term of the objective,
+        zero when the micro-batch scores none of its tokens.
 
         ``detached_heads``: the heads run as plain functions of detached weights, so the
         graph reaches ``hidden`` and nothing else. GradNorm takes per-term gradients that
@@ -135,22 +137,22 @@ class Objective(nn.Module):
         group = model.groups.group_of(y)
         t_rows = t[:, None].expand_as(scored)[scored]
         xt = inputs[scored]
-        sums: dict[str, Tensor] = {}
-        ce = None
+        ce = hidden.new_zeros((), dtype=torch.float32)
+        reconstruction: dict[str, Tensor] = {}
+        # Every head runs on every micro-batch, on zero rows where none of its tokens is
+        # scored: under ZeRO-3 each module call gathers the module's partitioned weights
+        # (a collective), so every rank must call the same modules in the same order
+        # whatever its micro-batch holds. Skipping an empty head hangs a multi-rank run.
         for index, name in enumerate(model.groups.names):
             rows = group == index
-            if not bool(rows.any()):
-                continue
             logits = _linear(model.head(name), h[rows], detached_heads)
-            term = self._group_loss(logits, y[rows], xt[rows], t_rows[rows], name)
-            ce = term if ce is None else ce + term
+            ce = ce + self._group_loss(logits, y[rows], xt[rows], t_rows[rows], name)
             if name in MEDIA and self.kind == "dfm":
                 predicted = _linear(model.reconstruction[name], h[rows], detached_heads)
                 target = model.codebook_targets(y[rows], name).float()
-                sums[f"rec_{name}"] = (predicted.float() - target).pow(2).mean(-1).sum()
-        if ce is not None:
-            sums["ce"] = ce
-        return sums
+                error = (predicted.float() - target).pow(2).mean(-1).sum()
+                reconstruction[f"rec_{name}"] = error
+        return {"ce": ce, **reconstruction}
 
     def _group_loss(self, logits: Tensor, y: Tensor, xt: Tensor, t: Tensor, group: str) -> Tensor:
         start = self.model.groups.start[group]

@@ -1,8 +1,8 @@
 """Rank 0's MLflow writer: metrics by step, exactly once across resumes, and tags.
 
 MLflow cannot delete a metric point and keeps a re-logged step as a second point, so a
-resumed run must not log a step again: steps up to ``last_logged`` (read from the run's
-history by the driver) are skipped. A run resumed from a checkpoint recomputes the steps
+resumed run must not log a step again: steps up to the last one in the run's ``train/loss``
+history when the log opens are skipped. A run resumed from a checkpoint recomputes the steps
 after it bit for bit, so skipping them loses nothing. Metrics go out asynchronously
 (MLflow's own ``synchronous=False`` queue) so logging never stalls a step; ``flush``
 waits for them.
@@ -21,16 +21,23 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 
+def last_logged_step(client: MlflowClient, run_id: str) -> int:
+    """The last step of the run's ``train/loss`` history (0 when there is none)."""
+    history = client.get_metric_history(run_id, "train/loss")
+    return max((m.step for m in history), default=0)
+
+
 class StepLog:
     """Metrics and tags of one MLflow run, written from one process."""
 
-    def __init__(self, tracking_uri: str, run_id: str, last_logged: int = 0) -> None:
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        self.run_id, self.last_logged = run_id, last_logged
+        self.run_id, self.last_logged = run_id, last_logged_step(self.client, run_id)
         self._pending: list[Any] = []
         # MLflow's own sampler of CPU, memory, disk, network and GPU use (system/* metrics).
+        resumed = self.last_logged > 0
         self.system = SystemMetricsMonitor(
-            run_id, sampling_interval=10, resume_logging=last_logged > 0, tracking_uri=tracking_uri
+            run_id, sampling_interval=10, resume_logging=resumed, tracking_uri=tracking_uri
         )
         self.system.start()
 

@@ -1,24 +1,30 @@
 """Endless, exactly resumable per-rank streams of one bucket's token samples.
 
-The shard is the unit of distribution and the sample the unit of resume (open_clip's shard
-split, plus the exact position WebDataset lacks):
+The sample is the unit of distribution and of resume (open_clip's shard split made exact,
+plus the position WebDataset lacks):
 
 1. **order**: every epoch, a bucket's shards are permuted by :func:`shard_order` from
    ``(seed, epoch, bucket)``: the same order on every rank and machine.
-2. **split across ranks**: with at least as many shards as ranks, rank ``r`` reads
-   ``order[r::world]``, so no shard is read by two ranks. With fewer shards than ranks,
-   every rank reads every shard in that order and keeps the samples of the wanted split
-   whose running index in the epoch (counting that split only) is ``≡ r (mod world)``:
-   still no overlap, and no rank starves.
+2. **split across ranks**: the epoch is that order's ``N`` samples end to end (every
+   shard's sample count is known: the tokens manifest's ``samples``, or one pass over the
+   tars' headers); rank ``r`` reads the contiguous range ``[r N / world, (r + 1) N /
+   world)`` of it (:func:`rank_share`): whole shards in its middle, part of one at each
+   end. Ranges partition the epoch, so every sample is read once per epoch across all
+   ranks, and every rank reads the same number of samples (within one) whatever the
+   shard sizes: ranks that consume at the same rate start their epochs together, and no
+   rank's samples come round more often than another's. The counts include samples of
+   the other split (skipped where read), so the train samples of two ranks' shares
+   differ by how the eval samples happen to fall, about ``sqrt(n f)`` for ``n`` samples a
+   share and an eval fraction ``f``.
 3. **read**: within a shard, samples come in file order, with no shuffle buffer, so a
-   rank's position is three integers (:class:`StreamState`: epoch, shard position, raw
-   samples consumed) and resume is exact and cheap: the consumed samples are skipped by
-   their tar headers, their payloads never read.
+   rank's position is three integers (:class:`StreamState`: epoch, place in the rank's
+   share, raw samples of that shard consumed) and resume is exact and cheap: the consumed
+   samples (and those before the rank's range) are skipped by their tar headers, their
+   payloads never read.
 
-An epoch is one pass of one rank over its shards; ranks' epochs need not line up (shard
-sizes differ), which is why the stream never ends and the trainer counts steps. Corrupt
-input never stops training: a bad sample or a damaged tar is skipped, counted by reason in
-``skipped`` and logged. Storage errors (a missing shard, a lost connection) do raise.
+The stream never ends (the trainer counts steps). Corrupt input never stops training: a
+bad sample or a damaged tar is skipped, counted by reason in ``skipped`` and logged.
+Storage errors (a missing shard, a lost connection) do raise.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ class StreamState:
     """Where one rank's stream of one bucket resumes: just after the last sample returned."""
 
     epoch: int = 0  # epochs of this bucket completed by this rank's stream
-    position: int = 0  # index into this rank's shard order of the epoch
+    position: int = 0  # index into this rank's share of the epoch (a list of shard ranges)
     offset: int = 0  # raw samples of that shard already consumed (all splits counted)
 
     def __post_init__(self) -> None:
@@ -81,6 +87,48 @@ def shard_order(shards: Sequence[str], seed: int, epoch: int, bucket: str) -> li
     return [ordered[i] for i in rng.permutation(len(ordered))]
 
 
+@dataclass(frozen=True)
+class ShardRange:
+    """Raw samples ``[start, stop)`` of shard ``url`` (indices within the shard)."""
+
+    url: str
+    start: int
+    stop: int
+
+
+def rank_share(
+    order: Sequence[str], sizes: Mapping[str, int], rank: int, world: int
+) -> list[ShardRange]:
+    """Rank ``rank``'s contiguous range of the epoch ``order`` (``sizes``: raw samples per
+    shard): ``[rank N / world, (rank + 1) N / world)`` of the ``N`` samples end to end."""
+    total = sum(sizes[url] for url in order)
+    low, high = rank * total // world, (rank + 1) * total // world
+    share, at = [], 0
+    for url in order:
+        start, stop = max(low, at), min(high, at + sizes[url])
+        if start < stop:
+            share.append(ShardRange(url, start - at, stop - at))
+        at += sizes[url]
+    return share
+
+
+def count_samples(url: str, storage_options: dict[str, Any] | None = None) -> int:
+    """Samples (runs of members sharing a key) in the tar ``url``, from its headers alone;
+    a damaged tar counts the samples before the damage."""
+    options = {"storage_options": storage_options} if url.startswith("s3://") else {}
+    count, last = 0, None
+    with gopen(url, "rb", **options) as stream:
+        try:
+            with tarfile.TarFile(fileobj=stream) as tar:
+                for info in tar:
+                    key, _ = base_plus_ext(info.name)
+                    if info.isreg() and key is not None and key != last:
+                        count, last = count + 1, key
+        except tarfile.TarError:
+            pass  # not a tar, or damaged: the reader skips and counts it
+    return count
+
+
 @dataclass
 class _RawSample:
     """Consecutive tar members sharing a key (WebDataset's grouping); payloads unread."""
@@ -110,7 +158,9 @@ class BucketStream:
 
     ``shards``: every tar of the bucket (local paths or ``s3://`` URLs, e.g. the tokens
     manifest's ``path`` joined to the tokens directory), the same list on every rank.
-    ``state`` resumes only a stream built with the same shards, seed, rank, world and split.
+    ``sizes``: samples per shard (the manifest's ``samples``); None = counted from the
+    tars' headers. ``state`` resumes only a stream built with the same shards, sizes,
+    seed, rank, world and split.
     ``storage_options`` go to s3fs for ``s3://`` shards. ``skipped`` counts what was
     dropped, by reason: ``corrupt_tar`` (not a tar), ``truncated_tar`` (ends before its
     end-of-archive block; the samples before the damage are read), ``truncated_member``,
@@ -126,6 +176,7 @@ class BucketStream:
         seed: int,
         rank: int,
         world: int,
+        sizes: Mapping[str, int] | None = None,
         split: str = "train",
         state: StreamState | None = None,
         storage_options: dict[str, Any] | None = None,
@@ -139,15 +190,24 @@ class BucketStream:
         self.bucket, self.seed, self.rank, self.world, self.split = bucket, seed, rank, world, split
         self.shards = tuple(sorted(shards))
         self.storage_options = storage_options
+        if sizes is None:
+            sizes = {url: count_samples(url, storage_options) for url in self.shards}
+        missing = sorted(set(self.shards) - set(sizes))
+        if missing:
+            raise ValueError(f"bucket {bucket!r}: no sample count for {missing}")
+        self.sizes = {url: int(sizes[url]) for url in self.shards}
         self.skipped: collections.Counter[str] = collections.Counter()
-        self._every_rank_reads_all = len(self.shards) < world
         self._state = state or StreamState()
-        self._counter = self._resumed_counter()
-        per_rank = len(self._rank_order(0))
-        if self._state.position >= per_rank:
+        share = self._share(self._state.epoch)
+        if self._state.position >= max(1, len(share)):
             raise ValueError(
                 f"bucket {bucket!r}: state position {self._state.position} is past this "
-                f"rank's {per_rank} shards (were the shards or the world size changed?)"
+                f"rank's {len(share)} shard ranges (were the shards or the world size changed?)"
+            )
+        if share and self._state.offset > share[self._state.position].stop:
+            raise ValueError(
+                f"bucket {bucket!r}: {self._state} is past this rank's range of its shard "
+                f"(were the shards or the world size changed?)"
             )
         self._samples = self._generate()
 
@@ -162,29 +222,21 @@ class BucketStream:
         """The position just after the last sample returned: pass it back to resume."""
         return StreamState(**self._state.to_dict())
 
-    def _resumed_counter(self) -> int:
-        """The epoch's running index (mod world) at the state, when every rank reads all.
+    @property
+    def samples_per_epoch(self) -> int:
+        """Raw samples (both splits) in the largest share of an epoch: ``ceil(N / world)``."""
+        return -(-sum(self.sizes.values()) // self.world)
 
-        A state is taken just after a sample this rank kept, whose index is ``≡ rank``; an
-        untouched shard 0 is the epoch's start. Any other state was not made by a stream.
-        """
-        state = self._state
-        if not self._every_rank_reads_all or (state.position, state.offset) == (0, 0):
-            return 0
-        if state.offset == 0:
-            raise ValueError(f"{state} was not produced by a BucketStream with these shards")
-        return (self.rank + 1) % self.world
-
-    def _rank_order(self, epoch: int) -> list[str]:
+    def _share(self, epoch: int) -> list[ShardRange]:
         order = shard_order(self.shards, self.seed, epoch, self.bucket)
-        return order if self._every_rank_reads_all else order[self.rank :: self.world]
+        return rank_share(order, self.sizes, self.rank, self.world)
 
     def _generate(self) -> Iterator[TokenSample]:
         epoch, start, skip = self._state.epoch, self._state.position, self._state.offset
         while True:
             whole_epoch, yielded = (start, skip) == (0, 0), False
-            for position, url in enumerate(self._rank_order(epoch)[start:], start):
-                for index, sample in self._shard(url, skip):
+            for position, part in enumerate(self._share(epoch)[start:], start):
+                for index, sample in self._shard(part.url, max(skip, part.start), part.stop):
                     self._state = StreamState(epoch, position, index + 1)
                     yielded = True
                     yield sample
@@ -194,10 +246,10 @@ class BucketStream:
                     f"bucket {self.bucket!r} gave no {self.split!r} sample to rank {self.rank} "
                     f"of {self.world} in a whole epoch ({epoch}); skipped: {dict(self.skipped)}"
                 )
-            epoch, start, self._counter = epoch + 1, 0, 0
+            epoch, start = epoch + 1, 0
 
-    def _shard(self, url: str, skip: int) -> Iterator[tuple[int, TokenSample]]:
-        """``(raw index, sample)`` for this rank's samples of ``url`` after the first ``skip``.
+    def _shard(self, url: str, skip: int, stop: int) -> Iterator[tuple[int, TokenSample]]:
+        """``(raw index, sample)`` for the samples of ``url`` in ``[skip, stop)``.
 
         tarfile in random-access mode rather than webdataset's streaming expander: skipped
         samples cost a header read each (their payloads are seeked over, resume is cheap),
@@ -212,6 +264,8 @@ class BucketStream:
                 return
             with tar:
                 for index, raw in enumerate(self._groups(tar, url)):
+                    if index >= stop:
+                        break  # the next rank's samples
                     if index >= skip:
                         sample = self._take(tar, url, raw)
                         if sample is not None:
@@ -260,10 +314,6 @@ class BucketStream:
             return self._skip("bad_meta", url, raw.key, "not an object with a 'split'")
         if meta["split"] != self.split:
             return None
-        if self._every_rank_reads_all:
-            turn, self._counter = self._counter, (self._counter + 1) % self.world
-            if turn != self.rank:
-                return None
         missing = [name for name in MEMBERS if name not in raw.members]
         if missing:
             return self._skip("missing_member", url, raw.key, f"no {', '.join(missing)}")

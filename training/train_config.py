@@ -61,6 +61,18 @@ class TrainConfig(Section):
     keep_last: int = Field(3, gt=0, description="complete checkpoints kept per run")
     num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks)")
     cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs per worker; torch threads")
+    max_failures: int = Field(
+        3,
+        ge=-1,
+        description="restarts of the workers after a lost worker or node, each from the "
+        "latest complete checkpoint; 0 = none, -1 = unlimited",
+    )
+    resources_timeout_s: float = Field(
+        600.0,
+        ge=0,
+        description="wait this long for the Ray cluster to offer the workers' CPUs/GPUs "
+        "(an autoscaler adding nodes) before failing",
+    )
     use_gpu: bool = Field(False, description="one GPU per worker, bf16, NCCL; false = CPU, fp32")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage")
     cpu_offload: bool = Field(False, description="ZeRO-3 with parameters and optimizer on CPU")

@@ -11,16 +11,18 @@ stop / fenced flags), so each term is normalised by its tokens over the whole wi
 every rank. After the step a second all-reduce gathers the loss sums, per-bucket losses
 and GradNorm's squared gradient norms for logging and for the loss weights.
 
-Everything random is derived from ``(seed, rank, step, micro-batch)`` or restored from the
-checkpoint, so a run resumed from a checkpoint repeats the uninterrupted run's steps bit for
-bit on CPU.
+Everything random is derived from ``(seed, step, place in the global batch)`` or restored
+from the checkpoint, so a run resumed from a checkpoint repeats the uninterrupted run's
+steps bit for bit on CPU.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -42,6 +44,9 @@ from training.checkpointing import (
     CheckpointWriter,
     WeightsOnlyCheckpointEngine,
     fetch_local,
+    gathered_state_dict,
+    latest_complete,
+    needed_to_resume,
     rank_file,
     rng_state,
     set_rng_state,
@@ -78,10 +83,9 @@ class WorkerPlan:
     codebooks: dict[str, np.ndarray]
     train: dict[str, Any]
     shards: dict[str, list[str]]
+    shard_samples: dict[str, int]  # samples per shard URI (the tokens manifest's counts)
     weights: dict[str, float]
     fingerprints: dict[str, str]
-    resume_step: int | None = None
-    last_logged_step: int = 0
 
 
 @dataclass
@@ -187,7 +191,8 @@ class Trainer:
             else FixedWeights(initial)
         )
         self.buckets = sorted(plan.weights)
-        start = self._restore() if plan.resume_step is not None else None
+        resume_step, attempt = self._start_point()
+        start = self._restore(resume_step) if resume_step is not None else None
         self.source = BatchSource(
             SourceSettings(
                 shards=plan.shards,
@@ -201,6 +206,7 @@ class Trainer:
                 max_length=cfg.max_length,
                 prefetch=cfg.prefetch,
                 storage_options=self._storage_options(),
+                shard_samples=plan.shard_samples or None,
             ),
             start,
         )
@@ -211,14 +217,11 @@ class Trainer:
             self.rank,
             self.world,
             cfg.keep_last,
+            attempt=attempt,
             on_complete=self._on_checkpoint,
             on_removed=self._on_pruned,
         )
-        self.log = (
-            StepLog(plan.tracking_uri, plan.run_id, plan.last_logged_step)
-            if self.rank == 0
-            else None
-        )
+        self.log = StepLog(plan.tracking_uri, plan.run_id) if self.rank == 0 else None
         if self.log is not None:
             self.log.set_tag("deepspeed.zero_stage", str(self.zero_stage))
             if self.zero_stage != cfg.zero_stage:
@@ -264,13 +267,30 @@ class Trainer:
         first = next((s for shards in self.plan.shards.values() for s in shards), "")
         return self.storage.stream_options(first) if first.startswith("s3://") else None
 
-    def _restore(self) -> SourcePosition:
-        """Load the checkpoint ``plan.resume_step``: engine, rank state, RNG, loss weights."""
-        step = self.plan.resume_step
+    def _start_point(self) -> tuple[int | None, str]:
+        """Where this worker group starts, as rank 0 finds it, the same on every rank: the
+        run's latest complete checkpoint (None: a new run), and a token of this attempt.
+
+        A group started by ``omni train``, by ``--resume`` or by Ray Train after a lost
+        worker or node (``train.max_failures``) resumes through the same code, from the
+        last checkpoint that every rank finished.
+        """
+        found = [-1, 0]
+        if self.rank == 0:
+            latest = latest_complete(self.storage, self.plan.run_dir)
+            found = [-1 if latest is None else latest, int.from_bytes(os.urandom(6), "big")]
+        shared = torch.tensor(found, dtype=torch.int64, device=self.device)
+        dist.broadcast(shared, src=0)
+        step, attempt = (int(v) for v in shared.tolist())
+        return (None if step < 0 else step), f"{attempt:012x}"
+
+    def _restore(self, step: int) -> SourcePosition:
+        """Load the checkpoint of ``step``: engine, rank state, RNG, loss weights."""
         uri = join(self.plan.run_dir, step_name(step))
-        # From s3:// the copy is the whole checkpoint (optimizer states included): gone after.
+        # From s3://, a copy of this rank's files and the shared ones only: gone after.
         with tempfile.TemporaryDirectory(prefix="omni-resume-") as scratch:
-            local = fetch_local(self.storage, uri, Path(scratch))
+            mine = functools.partial(needed_to_resume, rank=self.rank)
+            local = fetch_local(self.storage, uri, Path(scratch), mine)
             self.engine.load_checkpoint(
                 str(local.parent), tag=local.name, load_optimizer_states=True,
                 load_lr_scheduler_states=True,
@@ -328,8 +348,16 @@ class Trainer:
         return float(state.stop), 0.0
 
     def _generator(self, step: int, micro: int) -> torch.Generator:
+        """The corruption draws of micro-batch ``micro`` of ``step`` on this rank.
+
+        Seeded by the micro-batch's place in the step's global batch (micro-batch-major,
+        then rank), so the same global batch is corrupted alike whether it is spread over
+        ranks or accumulated on fewer: 2 ranks x accumulation 1 and 1 rank x accumulation 2
+        see the same draws.
+        """
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(_seed(self.cfg.seed, self.rank, step, micro))
+        index = micro * self.world + self.rank
+        generator.manual_seed(_seed(self.cfg.seed, step, index))
         return generator
 
     def train_step(self, step: int) -> StepResult:
@@ -413,8 +441,10 @@ class Trainer:
         )  # fmt: skip
         loss = anchor
         for term, value in terms.items():
-            loss = loss + weights.get(term, 0.0) * scales[term] * value
-        if isinstance(self.weighting, GradNorm) and terms:
+            # Every term enters the graph, a term with no token in the window at scale 0:
+            # each rank then runs the same backward through the same modules (ZeRO-3).
+            loss = loss + weights.get(term, 0.0) * scales.get(term, 0.0) * value
+        if isinstance(self.weighting, GradNorm):
             self._measure_gradients(item, hidden, totals, squares)
         self.engine.backward(loss)
         if self.clip_here and self.engine.is_gradient_accumulation_boundary():
@@ -422,21 +452,27 @@ class Trainer:
             self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
         self.engine.step()
         for term, value in terms.items():
-            sums[term] += float(value.detach()) / totals[term]
-        if "ce" in terms:
-            bucket_ce[batch.bucket][0] += float(terms["ce"].detach())
-            bucket_ce[batch.bucket][1] += item.counts["ce"]
+            if totals[term]:
+                sums[term] += float(value.detach()) / totals[term]
+        bucket_ce[batch.bucket][0] += float(terms["ce"].detach())
+        bucket_ce[batch.bucket][1] += item.counts["ce"]
 
     def _measure_gradients(
         self, item: Prepared, hidden: Tensor, totals: dict[str, float], squares: dict[str, float]
     ) -> None:
-        """Add each term's squared gradient norm at the shared hidden state (GradNorm's G_i)."""
+        """Add each term's squared gradient norm at the shared hidden state (GradNorm's G_i).
+
+        Runs on every rank for every micro-batch, tokens or not: under ZeRO-3 the gather of
+        the heads is a collective.
+        """
         shared = hidden.detach().requires_grad_(True)
         with self._gathered_heads():
             terms = self.objective.term_sums(
                 shared, item.inputs, item.targets, item.scored, item.t, detached_heads=True
             )
             for term, value in terms.items():
+                if not totals[term]:
+                    continue
                 (grad,) = torch.autograd.grad(value / totals[term], shared, retain_graph=True)
                 squares[term] += float(grad.float().pow(2).sum())
 
@@ -483,15 +519,12 @@ class Trainer:
         self.writer.finish(step, barrier=dist.barrier)
 
     def _save_consolidated(self, folder: Path) -> None:
-        """``OmniModel.save`` of the full weights (gathered first under ZeRO-3), rank 0 writes."""
+        """``OmniModel.save`` of the full weights, rank 0 writes; under ZeRO-3 every rank
+        first gathers them one submodule at a time (never the whole model at once)."""
         if self.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(
-                list(self.model.parameters()), modifier_rank=None
-            ):
-                if self.rank == 0:
-                    self.model.save(folder)
+            state = gathered_state_dict(self.model, self.rank)
+            if state is not None:
+                self.model.save(folder, state)
         elif self.rank == 0:
             self.model.save(folder)
 

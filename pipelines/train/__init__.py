@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = ["TrainInputError", "TrainReport", "run"]
 _HOMES = {"run": "stage", "TrainReport": "stage", "TrainInputError": "inputs"}
-_SUBMODULES = ("fingerprints", "inputs", "stage", "summary")
+_SUBMODULES = ("fingerprints", "inputs", "recovery", "resources", "stage", "summary")
 
 
 def __getattr__(name: str) -> Any:

@@ -28,9 +28,11 @@ class TrainInputError(RuntimeError):
 
 @dataclass
 class TrainInputs:
-    """Token shards per bucket (URIs), bucket weights, vocabulary and fingerprints."""
+    """Token shards per bucket (URIs) and their sample counts, bucket weights, vocabulary
+    and fingerprints."""
 
     shards: dict[str, list[str]]
+    shard_samples: dict[str, int]
     weights: dict[str, float]
     layout: dict
     codebooks: dict[str, np.ndarray]
@@ -50,9 +52,12 @@ def gather_inputs(config: PipelineConfig, storage: Storage) -> TrainInputs:
         )
     manifest = read_parquet(storage, join(tokens_dir, "manifest.parquet")).to_pylist()
     shards: dict[str, list[str]] = {}
+    shard_samples: dict[str, int] = {}
     for row in manifest:
         if row["samples"] > 0:
-            shards.setdefault(row["bucket"], []).append(join(tokens_dir, row["path"]))
+            uri = join(tokens_dir, row["path"])
+            shards.setdefault(row["bucket"], []).append(uri)
+            shard_samples[uri] = int(row["samples"])
     if not shards:
         raise TrainInputError(f"{tokens_dir}/manifest.parquet lists no token shard")
     tokenizers_dir = join(workspace, "tokenizers")
@@ -76,6 +81,7 @@ def gather_inputs(config: PipelineConfig, storage: Storage) -> TrainInputs:
     }
     return TrainInputs(
         shards={b: sorted(shards[b]) for b in weights},
+        shard_samples={uri: shard_samples[uri] for b in weights for uri in shards[b]},
         weights={b: float(w) for b, w in weights.items()},
         layout=asdict(layout),
         codebooks=codebooks,

@@ -6,10 +6,12 @@ The pattern is torchtitan's: the loop and its components live in ``training/``; 
 module only assembles a run from the config and owns its lifecycle. The run's checkpoints
 and control file live under ``<workspace>/checkpoints/<run_id>/``; Ray Train's own
 checkpointing is not used (a reused Ray run name would restore silently, and DeepSpeed
-writes its own state), so a Ray Train run is one attempt, named after the MLflow run and
-the attempt's owner token. Resume (``--resume RUN_ID``) reads the logged ``model`` and
-``train`` sections from MLflow, the latest complete checkpoint from the workspace, and
-logs into the same run from the next step.
+writes its own state), so a Ray Train run belongs to one driver, named after the MLflow
+run and the driver's owner token. Within it Ray Train restarts the worker group after a
+lost worker or node (``train.max_failures``, ``recovery.py``); every group, first or
+restarted, resumes from the latest complete checkpoint by itself. Resume by hand
+(``--resume RUN_ID``) reads the logged ``model`` and ``train`` sections from MLflow and
+starts a new driver on the same run, which its workers resume the same way.
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import ray
-
 from infra.config import ConfigError, apply_overrides, fingerprint
 from infra.ray_runtime import connect, disconnect
 from infra.storage import Storage, is_remote, join
@@ -36,6 +36,8 @@ from pipelines.corpus import absolute
 from pipelines.stage_state import RUNNING, SUCCESS, begin_stage, success_payload, write_marker
 from pipelines.train.fingerprints import expected_fingerprint, train_sections
 from pipelines.train.inputs import TrainInputError, TrainInputs, gather_inputs
+from pipelines.train.recovery import RecoveryLog, error_cause
+from pipelines.train.resources import wait_for_workers
 from training.checkpointing import latest_complete, step_name
 from training.model_config import load_model_config
 from training.run_control import RunControl
@@ -115,7 +117,7 @@ def run(
     uri = tracking_uri(config.mlflow, workspace)
     started_ray = connect(config.ray)
     try:
-        _check_resources(config.train)
+        wait_for_workers(config.train)
         if resume:
             run_id, resume_step = resume, latest_complete(storage, join(root, resume))
             client.update_run(run_id, status="RUNNING")
@@ -126,8 +128,7 @@ def run(
                      {"stage": STAGE, "fingerprint": stage_print, "run_id": run_id})  # fmt: skip
         control = RunControl(storage, run_dir)
         owner = control.claim()
-        plan = worker_plan(config, inputs, run_id, run_dir, uri, owner, resume_step,
-                           _last_logged_step(client, run_id) if resume else 0)  # fmt: skip
+        plan = worker_plan(config, inputs, run_id, run_dir, uri, owner)
         with _stop_on_signals(control, owner) as stopping:
             try:
                 _fit(config.train, plan)
@@ -135,7 +136,7 @@ def run(
                 if stopping.is_set():
                     client.set_terminated(run_id, "KILLED")
                 else:
-                    client.set_tag(run_id, "error", first_line(error)[:5000])
+                    client.set_tag(run_id, "error", error_cause(error)[:5000])
                     client.set_terminated(run_id, "FAILED")
                 raise
             status = "KILLED" if stopping.is_set() else "FINISHED"
@@ -203,10 +204,11 @@ def worker_plan(
     run_dir: str,
     uri: str,
     owner: str,
-    resume_step: int | None = None,
-    last_logged_step: int = 0,
 ) -> WorkerPlan:
-    """What every training worker is given for ``run_id``: the whole plan, JSON-safe."""
+    """What every training worker is given for ``run_id``: the whole plan, JSON-safe.
+
+    Where to resume is not in it: every worker group, the first or one Ray Train
+    restarted, finds the latest complete checkpoint in ``run_dir`` itself."""
     return WorkerPlan(
         run_id=run_id,
         tracking_uri=uri,
@@ -220,10 +222,9 @@ def worker_plan(
         codebooks=inputs.codebooks,
         train=config.train.model_dump(mode="json"),
         shards=inputs.shards,
+        shard_samples=inputs.shard_samples,
         weights=inputs.weights,
         fingerprints=_fingerprints(config, inputs),
-        resume_step=resume_step,
-        last_logged_step=last_logged_step,
     )
 
 
@@ -302,11 +303,6 @@ def _check_fingerprints(run: Any, inputs: TrainInputs, force: bool) -> None:
             )
 
 
-def _last_logged_step(client: Any, run_id: str) -> int:
-    history = client.get_metric_history(run_id, "train/loss")
-    return max((m.step for m in history), default=0)
-
-
 def _git_commit() -> str:
     try:
         done = subprocess.run(
@@ -342,22 +338,6 @@ def _split(artifact: str) -> tuple[str, str]:
 # ---------------------------------------------------------------------------- Ray
 
 
-def _check_resources(train: TrainConfig) -> None:
-    """Ray Train waits forever for resources a cluster lacks: refuse instead."""
-    total = ray.cluster_resources()
-    cpus = train.num_workers * train.cpus_per_worker
-    if cpus > total.get("CPU", 0):
-        raise ConfigError(
-            f"train.num_workers x train.cpus_per_worker = {cpus:g} CPUs, the Ray cluster has "
-            f"{total.get('CPU', 0):g}"
-        )
-    if train.use_gpu and train.num_workers > total.get("GPU", 0):
-        raise ConfigError(
-            f"train.use_gpu with train.num_workers={train.num_workers}: the Ray cluster has "
-            f"{total.get('GPU', 0):g} GPUs"
-        )
-
-
 def _fit(train: TrainConfig, plan: WorkerPlan) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -374,7 +354,14 @@ def _fit(train: TrainConfig, plan: WorkerPlan) -> None:
         run_config=RunConfig(
             name=f"omni-{plan.run_id}-{plan.owner[:8]}",
             storage_path=str(Path(tempfile.gettempdir()) / "omni-ray-train"),
-            failure_config=FailureConfig(max_failures=0),
+            # A lost worker or node restarts the worker group, which resumes from the
+            # latest complete checkpoint by itself; RecoveryLog makes each restart visible.
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            callbacks=[
+                RecoveryLog(
+                    plan.tracking_uri, plan.run_id, train.max_failures, plan.storage, plan.run_dir
+                )
+            ],
         ),
     )
     trainer.fit()

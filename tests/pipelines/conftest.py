@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from pipelines import pretokenize, shard, tokenizers_stage
-from tests.pipelines.train_setup import config_for
+from pipelines import train as train_stage
+from pipelines.config import PipelineConfig
+from tests.pipelines.train_setup import REFERENCE, config_for, copy_workspace
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +25,14 @@ def tokens_workspace(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None
     tokenizers_stage.run(config)
     pretokenize.run(config)
     return workspace
+
+
+@pytest.fixture(scope="session")
+def reference_run(
+    tokens_workspace: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[PipelineConfig, train_stage.TrainReport]:
+    """An uninterrupted two-worker run (``REFERENCE``), trained once per session: the
+    losses every interrupted and recovered run must reproduce."""
+    workspace = copy_workspace(tokens_workspace, tmp_path_factory.mktemp("reference"))
+    config = config_for(workspace, **REFERENCE)
+    return config, train_stage.run(config)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
+
+import psutil
+from mlflow import MlflowClient
 
 from pipelines.config import PipelineConfig
 from tests.conftest import REPO, pipeline_config
@@ -23,6 +27,9 @@ TRAIN = {
     "keep_last": 2,
 }
 INPUTS = [{"uri": str(CORPUS / "docs.jsonl"), "format": "jsonl"}]
+# The uninterrupted run the interrupted ones are compared with (the ``reference_run``
+# fixture): two workers, 20 steps, a checkpoint every 5, the last 2 kept.
+REFERENCE = {"train": {"max_steps": 20, "checkpoint_every": 5}}
 
 
 def config_for(workspace: Path, **sections: dict) -> PipelineConfig:
@@ -38,8 +45,27 @@ def config_for(workspace: Path, **sections: dict) -> PipelineConfig:
     )
 
 
+def losses(client: MlflowClient, run_id: str, key: str = "train/loss") -> list[tuple[int, float]]:
+    """``(step, value)`` of every logged point of ``key``, in step order."""
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
 def copy_workspace(source: Path, target: Path) -> Path:
     """A new workspace with ``source``'s tokens and tokenizers (no runs, no MLflow store)."""
     for part in ("tokens", "tokenizers"):
         shutil.copytree(source / part, target / part)
     return target
+
+
+def train_workers(session_leader: int) -> list[psutil.Process]:
+    """Ray Train worker processes started by the driver whose session is ``session_leader``."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if os.getsid(process.pid) == session_leader and "RayTrainWorker" in " ".join(
+                process.info["cmdline"] or []
+            ):
+                found.append(process)
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return found

@@ -41,3 +41,20 @@ def test_delete_tag_still_raises_other_errors(run: tuple[str, str]) -> None:
             log.delete_tag("checkpoint.step-0000005")
     finally:
         log.close()
+
+
+def test_a_reopened_log_skips_the_steps_already_logged(run: tuple[str, str]) -> None:
+    """A worker group restarted from a checkpoint recomputes steps MLflow already has."""
+    uri, run_id = run
+    first = StepLog(uri, run_id)
+    assert [first.log(step, {"train/loss": 1.0 / step}) for step in (1, 2, 3)] == [True] * 3
+    first.close()
+    again = StepLog(uri, run_id)  # as after a restart from step 1's checkpoint
+    try:
+        assert again.last_logged == 3
+        assert [again.log(step, {"train/loss": 9.0}) for step in (2, 3, 4)] == [False, False, True]
+        again.flush()
+    finally:
+        again.close()
+    history = MlflowClient(uri).get_metric_history(run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 9.0)]

@@ -17,7 +17,7 @@ from infra.storage import S3Config, Storage, StorageConfig
 from tokenization.sequences import Span, TokenSequence
 from tokenization.token_samples import encode_sample, write_tar
 from training import token_stream
-from training.token_stream import BucketStream, StreamState, shard_order
+from training.token_stream import BucketStream, StreamState, rank_share, shard_order
 
 BUCKET = "text"
 EVAL_EVERY = 3  # in every shard, samples 2, 5, 8, ... are "eval"
@@ -42,17 +42,18 @@ def encoded(shard: int, index: int, split: str | None = None) -> dict[str, bytes
     return encode_sample(key_of(shard, index), sequence, meta)
 
 
-def shard_samples(shard: int, size: int) -> list[dict[str, bytes]]:
-    return [encoded(shard, index) for index in range(size)]
+def shard_samples(shard: int, size: int, split: str | None = None) -> list[dict[str, bytes]]:
+    return [encoded(shard, index, split) for index in range(size)]
 
 
-def write_shards(folder: Path, sizes: list[int]) -> list[str]:
-    """One tar per size, ``<folder>/text/000NNN-000.tar``, as pretokenize names them."""
+def write_shards(folder: Path, sizes: list[int], split: str | None = None) -> list[str]:
+    """One tar per size, ``<folder>/text/000NNN-000.tar``, as pretokenize names them;
+    ``split``: every sample's (default: every third "eval")."""
     (folder / BUCKET).mkdir(parents=True, exist_ok=True)
     paths = []
     for shard, size in enumerate(sizes):
         path = folder / BUCKET / f"{shard:06d}-000.tar"
-        path.write_bytes(write_tar(shard_samples(shard, size)))
+        path.write_bytes(write_tar(shard_samples(shard, size, split)))
         paths.append(str(path))
     return paths
 
@@ -136,14 +137,16 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
         BucketStream(BUCKET, shards, seed=0, rank=2, world=2)
     with pytest.raises(ValueError, match="position 1"):  # rank 1 of 2 owns one shard
         BucketStream(BUCKET, shards, seed=0, rank=1, world=2, state=StreamState(0, 1, 0))
-    with pytest.raises(ValueError, match="not produced"):  # every rank reads both shards
-        BucketStream(BUCKET, shards, seed=0, rank=1, world=3, state=StreamState(0, 1, 0))
+    with pytest.raises(ValueError, match="past this rank's range"):  # its 3 samples of it
+        BucketStream(BUCKET, shards, seed=0, rank=0, world=2, state=StreamState(0, 0, 4))
+    with pytest.raises(ValueError, match="no sample count"):
+        BucketStream(BUCKET, shards, seed=0, rank=0, world=1, sizes={shards[0]: 3})
 
 
 # --------------------------------------------------------------------------- rank split
 
 
-# More shards than ranks (each rank reads its own shards) and fewer (every rank reads all).
+# More shards than ranks and fewer, equal and unequal sizes.
 SPLITS = [
     (1, [3, 1, 4]),
     (2, [3, 1, 4, 2, 5]),
@@ -185,19 +188,13 @@ def test_every_epoch_of_all_ranks_covers_the_eval_split_exactly_once(
 def documented_rule(
     shards: list[str], sizes: list[int], world: int, rank: int, epoch: int
 ) -> list[str]:
-    """Rank ``rank``'s train keys of ``epoch`` as the module docstring states the rule."""
+    """Rank ``rank``'s train keys of ``epoch`` as the module docstring states the rule: its
+    contiguous range of the epoch's samples end to end."""
     order = [shards.index(path) for path in shard_order(shards, 5, epoch, BUCKET)]
-    if len(shards) >= world:
-        return [
-            key_of(s, i)
-            for s in order[rank::world]
-            for i in range(sizes[s])
-            if split_of_index(i) == "train"
-        ]
-    in_epoch = [
-        key_of(s, i) for s in order for i in range(sizes[s]) if split_of_index(i) == "train"
-    ]
-    return in_epoch[rank::world]
+    samples = [(s, i) for s in order for i in range(sizes[s])]
+    total = len(samples)
+    mine = samples[rank * total // world : (rank + 1) * total // world]
+    return [key_of(s, i) for s, i in mine if split_of_index(i) == "train"]
 
 
 @pytest.mark.parametrize(("world", "sizes"), SPLITS)
@@ -215,19 +212,41 @@ def test_each_rank_reads_what_the_documented_rule_says(
         assert epochs_of(from_epoch_2, 3)[2] == expected[2]
 
 
-def test_more_shards_than_ranks_means_each_rank_opens_only_its_shards(
+def test_a_rank_opens_only_the_shards_of_its_range(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    shards = write_shards(tmp_path, [3, 1, 4, 2, 5])
+    sizes = [3, 1, 4, 2, 5]
+    shards = write_shards(tmp_path, sizes)
+    counts = dict(zip(shards, sizes, strict=True))
     opened: list[str] = []
     real_gopen = token_stream.gopen
     monkeypatch.setattr(
         token_stream, "gopen", lambda url, *a, **k: opened.append(url) or real_gopen(url, *a, **k)
     )
-    order = shard_order(shards, seed=5, epoch=0, bucket=BUCKET)
-    stream = BucketStream(BUCKET, shards, seed=5, rank=1, world=2)
+    stream = BucketStream(BUCKET, shards, seed=5, rank=1, world=2, sizes=counts)
     first_epoch(stream)
-    assert opened == [*order[1::2], shard_order(shards, 5, 1, BUCKET)[1]]
+    shares = [rank_share(shard_order(shards, 5, e, BUCKET), counts, 1, 2) for e in (0, 1)]
+    assert opened == [part.url for part in shares[0]] + [shares[1][0].url]
+    assert len(shares[0]) < len(shards)
+
+
+@pytest.mark.parametrize(("world", "sizes"), [(2, [1, 9, 2]), (3, [10, 1, 1, 5]), (4, [13, 2])])
+def test_ranks_read_equal_shares_of_every_epoch_whatever_the_shard_sizes(
+    tmp_path: Path, world: int, sizes: list[int]
+) -> None:
+    """Ranks consume at the same rate; with shares within one sample of each other, none
+    comes round to its samples sooner: after each rank has read its share of an epoch,
+    all together have read every sample of the bucket exactly once."""
+    shards = write_shards(tmp_path, sizes, split="train")
+    total = sum(sizes)
+    everything = Counter(key_of(s, i) for s, n in enumerate(sizes) for i in range(n))
+    streams = [BucketStream(BUCKET, shards, seed=5, rank=r, world=world) for r in range(world)]
+    assert streams[0].sizes == dict(zip(shards, sizes, strict=True))  # counted from headers
+    epochs = [epochs_of(stream, 3) for stream in streams]
+    for epoch in range(3):
+        shares = [len(keys[epoch]) for keys in epochs]
+        assert set(shares) <= {total // world, -(-total // world)}, shares
+        assert Counter(k for keys in epochs for k in keys[epoch]) == everything
 
 
 def test_samples_come_in_file_order_with_their_payloads(tmp_path: Path) -> None:
@@ -260,8 +279,8 @@ def test_a_rank_with_no_sample_of_its_split_raises_instead_of_looping(tmp_path: 
     assert len(take(BucketStream(BUCKET, shards, seed=0, rank=1, world=2), 5)) == 5
     with pytest.raises(ValueError, match=r"'text'.*'eval'.*rank 1 of 2"):
         next(BucketStream(BUCKET, shards, seed=0, rank=1, world=2, split="eval"))
-    with pytest.raises(ValueError, match="rank 2 of 3"):
-        next(BucketStream(BUCKET, shards, seed=0, rank=2, world=3))
+    with pytest.raises(ValueError, match="rank 0 of 3"):  # 2 samples: its range is empty
+        next(BucketStream(BUCKET, shards, seed=0, rank=0, world=3))
 
 
 # --------------------------------------------------------------------------- resume
@@ -278,7 +297,7 @@ def damaged_shards(folder: Path, sizes: list[int]) -> list[str]:
     return paths
 
 
-RESUMES = [  # (world, sizes, damaged): both rank-split modes, clean and damaged
+RESUMES = [  # (world, sizes, damaged): more and fewer shards than ranks, clean and damaged
     (1, [3, 1, 4], False),
     (2, [3, 1, 4, 2, 5], False),
     (3, [3, 1, 4, 2, 5], False),
@@ -405,7 +424,8 @@ def test_a_truncated_tar_yields_its_complete_samples_and_the_stream_goes_on(
 def test_a_file_that_is_not_a_tar_is_skipped(tmp_path: Path) -> None:
     shards = write_shards(tmp_path, [3, 3])
     Path(shards[0]).write_bytes(b"this is not a tar" * 100)
-    stream = BucketStream(BUCKET, shards, seed=0, rank=0, world=1)
+    manifest = dict.fromkeys(shards, 3)  # the counts pretokenize wrote
+    stream = BucketStream(BUCKET, shards, seed=0, rank=0, world=1, sizes=manifest)
     assert sorted(first_epoch(stream)) == [key_of(1, 0), key_of(1, 1)]
     read_again = shard_order(shards, 0, 1, BUCKET)[0] == shards[0]  # before epoch 1's first
     assert stream.skipped == {"corrupt_tar": 1 + read_again}

@@ -16,7 +16,7 @@ from infra.storage import Storage
 from tokenization.sequences import Span, TokenSequence
 from tokenization.token_samples import encode_sample, write_tar
 from tokenization.vocab import VocabLayout
-from training.batch_source import BatchSource, SourceSettings
+from training.batch_source import BatchSource, BucketTooLongError, SourceSettings
 from training.checkpointing import (
     COMPLETE,
     CheckpointWriter,
@@ -128,6 +128,33 @@ def test_every_micro_batch_holds_one_bucket_in_the_weighted_order(tmp_path: Path
         fresh.close()
 
 
+@pytest.mark.timeout(60)  # the failure this guards against is an endless loop
+def test_a_bucket_with_no_sample_under_max_length_fails_naming_it(tmp_path: Path) -> None:
+    write_bucket_tar(tmp_path / "text.tar", "text", 5, 6)
+    write_bucket_tar(tmp_path / "a.tar", "image2text", 4, 12)
+    write_bucket_tar(tmp_path / "b.tar", "image2text", 3, 12)
+    shards = {"text": [str(tmp_path / "text.tar")],
+              "image2text": [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]}  # fmt: skip
+    settings = SourceSettings(shards, {"text": 1.0, "image2text": 1.0}, seed=0, rank=0,
+                              world=1, micro_batch_size=2, pad_id=PAD, dgs_block=None,
+                              max_length=10, prefetch=2)  # fmt: skip
+    source = BatchSource(settings)
+    try:
+        with pytest.raises(BucketTooLongError, match=r"^bucket 'image2text'.*max_length=10"):
+            for _ in range(10):
+                next(source)
+    finally:
+        source.close()
+    assert source.skipped()["too_long_image2text"] >= 7  # one whole epoch at least
+    settings.max_length = 12  # samples that fit: no error, none skipped
+    fits = BatchSource(settings)
+    try:
+        assert {next(fits).bucket for _ in range(4)} == {"text", "image2text"}
+    finally:
+        fits.close()
+    assert not fits.skipped()
+
+
 # ---------------------------------------------------------------------------- objective
 
 
@@ -226,7 +253,7 @@ def test_gradnorm_norms_come_from_the_heads_alone() -> None:
     attached = obj.term_sums(hidden, p.inputs, p.targets, p.scored, p.t)
     shared = hidden.detach().requires_grad_(True)
     detached = obj.term_sums(shared, p.inputs, p.targets, p.scored, p.t, detached_heads=True)
-    assert set(detached) == set(attached) == {"ce", "rec_image"}
+    assert set(detached) == set(attached) == {"ce", "rec_image", "rec_audio"}
     params = list(model.parameters())
     for term, value in detached.items():
         (mine, *to_params) = torch.autograd.grad(value, [shared, *params], retain_graph=True,
