@@ -32,7 +32,7 @@ Headline: on ``random``, the default's content agreement at the longest length, 
 ``never``'s there (baseline) and the default's at the shortest length (64 positions, where
 ``sampler_quality`` found its metrics within the reference's spread: the target).
 
-    python benchmarks/cache_fidelity.py --config configs/demo.yaml --run RUN_ID \\
+    python benchmarks/cache_fidelity.py --config configs/sample.yaml --run RUN_ID \\
         [--lengths 64 256 1024] [--refresh 8 16 32]
 """
 
@@ -101,7 +101,7 @@ def ar_seconds(model: OmniModel, instruction: tuple[Tensor, Tensor | None], leng
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--config", default="configs/sample.yaml")
     parser.add_argument("--run", required=True, help="MLflow id of an omni train run (DFM)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024])

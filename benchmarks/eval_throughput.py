@@ -10,7 +10,7 @@
    records). ``sweep()`` must find nothing to do: it lists the runs (one search), their
    checkpoints and done records. Target: under 5 s for 20 runs x 10 checkpoints.
 
-    python benchmarks/eval_throughput.py [--config configs/demo.yaml] [--skip-tasks]
+    python benchmarks/eval_throughput.py [--config configs/sample.yaml] [--skip-tasks]
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def idle_sweep(runs: int, checkpoints: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--config", default="configs/sample.yaml")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--checkpoints", type=int, default=10)

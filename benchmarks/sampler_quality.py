@@ -24,7 +24,7 @@ mel-L1 and failed on the next two). The fastest quality-preserving setting, by i
 tokens/s over the checkpoints, is the headline against the reference; the sampler defaults
 of ``omni generate`` and the evaluation suites (``evaluation.config``) follow it.
 
-    python benchmarks/sampler_quality.py --config configs/demo.yaml --run RUN_ID [RUN_ID ...] \\
+    python benchmarks/sampler_quality.py --config configs/sample.yaml --run RUN_ID [RUN_ID ...] \\
         [--step N] [--split train] [--samples 8] [--seeds 0 1 2] [--temperature 1.0]
 """
 
@@ -284,7 +284,7 @@ def combine(tables: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--config", default="configs/sample.yaml")
     parser.add_argument("--run", nargs="+", required=True,
                         help="MLflow ids of omni train runs (DFM): a setting keeps quality "
                         "only where it keeps it on each")  # fmt: skip

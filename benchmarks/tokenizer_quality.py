@@ -20,7 +20,7 @@ palette codec's reconstructions, then the tokenizer's after each run in order (t
 data-driven start first with ``--initialise-only``); and ``tokenizer_quality_curve.png``,
 held-out PSNR and mel-L1 against warm-up seconds with the palette codec's as lines.
 
-    python benchmarks/tokenizer_quality.py [--config configs/demo.yaml] [--seconds 110 300]
+    python benchmarks/tokenizer_quality.py [--config configs/sample.yaml] [--seconds 110 300]
         [--media DIR] [--initialise-only] [--seed 0]
 """
 
@@ -186,7 +186,7 @@ def plot_curve(runs: list[dict[str, Any]], palette: dict[str, float], path: Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--config", default="configs/sample.yaml")
     parser.add_argument("--seconds", type=float, nargs="+", default=[110.0])
     parser.add_argument("--media", type=Path, help="measure on this folder instead")
     parser.add_argument("--initialise-only", action="store_true")

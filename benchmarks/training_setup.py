@@ -2,7 +2,7 @@
 
 A benchmark either copies ``tokens/`` and ``tokenizers/`` from an existing workspace
 (``--workspace``; it is never written to) or builds both from the sample corpus with
-``omni shard``, ``omni tokenizers train`` and ``omni pretokenize`` on ``configs/demo.yaml``
+``omni shard``, ``omni tokenizers train`` and ``omni pretokenize`` on ``configs/sample.yaml``
 into a temporary folder, so ``make bench`` works on a fresh clone. The built workspace uses
 a short tokenizer warm-up (a few steps instead of the demo's two minutes): the vocabulary
 sizes and every sample's length are the demo's, only the codebook quality differs, and
@@ -38,7 +38,7 @@ from training.objective import Objective
 from training.train_config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+DEMO_CONFIG = REPO / "configs" / "sample.yaml"
 CORPUS = REPO / "examples" / "corpus" / "docs.jsonl"
 RESULTS = REPO / "benchmarks" / "results"
 QUICK_WARMUP = [
@@ -62,7 +62,7 @@ def set_environment() -> None:
 
 
 def pipeline_config(workspace: Path, overrides: list[str] = ()) -> PipelineConfig:
-    """``configs/demo.yaml`` with ``workspace``, an absolute corpus path and ``overrides``."""
+    """``configs/sample.yaml`` with ``workspace``, an absolute corpus path and ``overrides``."""
     data = load_yaml(DEMO_CONFIG)
     data = apply_overrides(
         data, [f"workspace={workspace}", f"corpus.inputs.0.uri={CORPUS}", *overrides]

@@ -37,7 +37,7 @@ from tokenization.vocab import VocabLayout
 
 IMAGE_SIDE = 16  # decoded images are pooled to 16 x 16 grey levels
 MEL_FRAMES = 24  # decoded mels are resampled to 24 frames
-MIN_PER_CLASS = 2  # a recogniser needs at least two classes with this many examples
+MIN_PER_CLASS = 5  # a class is recognised only with this many training examples
 
 
 def label_of(sample: TokenSample) -> str | None:
@@ -66,7 +66,8 @@ def mel_features(mels: Sequence[Tensor]) -> np.ndarray:
 class Recogniser:
     """A fitted classifier of one medium. ``predict`` takes the medium as the tasks hold it
     (images Float[B, 3, R, R], a list of mels, a list of texts) and names a class for each,
-    or None where it cannot tell (a text with no word it knows)."""
+    or None where it cannot tell (a text with no word it knows). Only samples of one of
+    ``classes`` can be judged (:meth:`judges`)."""
 
     medium: str
     classes: list[str]
@@ -84,6 +85,10 @@ class Recogniser:
             predicted = [None if s else p for p, s in zip(predicted, silent, strict=True)]
         return predicted
 
+    def judges(self, label: str | None) -> bool:
+        """Whether a sample of class ``label`` can be judged (its class was fitted)."""
+        return label in self.classes
+
     def accuracy(self, inputs: Any, labels: Sequence[str]) -> float:
         """Share of ``inputs`` recognised as their label."""
         if len(labels) == 0:
@@ -92,14 +97,17 @@ class Recogniser:
         return sum(p == y for p, y in zip(predicted, labels, strict=True)) / len(labels)
 
 
-def _usable(labels: Sequence[str | None]) -> str | None:
-    """Why these labels cannot train a recogniser, or None when they can."""
+def _classes(labels: Sequence[str | None]) -> set[str] | str:
+    """The classes with at least ``MIN_PER_CLASS`` training examples, or why there are
+    fewer than two (a recogniser cannot judge a class it has barely seen: the digits
+    corpus's spoken numbers 10-99 have about two clips each, its digits dozens)."""
     counts = Counter(label for label in labels if label is not None)
     if not counts:
         return "the training samples carry no label"
-    if sum(1 for n in counts.values() if n >= MIN_PER_CLASS) < 2:
+    kept = {label for label, n in counts.items() if n >= MIN_PER_CLASS}
+    if len(kept) < 2:
         return f"fewer than 2 classes with {MIN_PER_CLASS}+ labelled training samples"
-    return None
+    return kept
 
 
 def _fit(
@@ -110,10 +118,10 @@ def _fit(
     featurize: Callable[[Any], Any],
     abstain: Callable[[Any], np.ndarray] | None = None,
 ) -> Recogniser | str:
-    reason = _usable(labels)
-    if reason is not None:
-        return f"{medium}: {reason}"
-    keep = [i for i, label in enumerate(labels) if label is not None]
+    classes = _classes(labels)
+    if isinstance(classes, str):
+        return f"{medium}: {classes}"
+    keep = [i for i, label in enumerate(labels) if label in classes]
     y = [str(labels[i]) for i in keep]
     features = featurize([inputs[i] for i in keep] if isinstance(inputs, list) else inputs[keep])
     model.fit(features, y)

@@ -155,10 +155,15 @@ def _recognise(
     """``{prefix}/recognised``: share of generated media recognised as the prompted class,
     with the ceiling (references), chance and the majority baseline."""
     judge = context.recogniser(medium, result, prefix)
-    labelled = [i for i, sample in enumerate(samples) if label_of(sample) is not None]
-    if judge is None or not labelled:
-        if judge is not None:
-            result.notes.append(f"{prefix}: no labelled eval sample, recognition skipped")
+    if judge is None:
+        return
+    labelled = [i for i, sample in enumerate(samples) if judge.judges(label_of(sample))]
+    if len(labelled) < len(samples):
+        result.notes.append(
+            f"{prefix}: {len(samples) - len(labelled)} of {len(samples)} eval samples have "
+            f"no label the recogniser knows ({len(judge.classes)} classes): not judged"
+        )
+    if not labelled:
         return
     labels = [str(label_of(samples[i])) for i in labelled]
     predicted = judge.predict(generated)

@@ -32,16 +32,22 @@ def test_no_recogniser_without_labels_or_classes() -> None:
     images = bars(0, 6, seed=0)
     assert fit_image(images, [None] * 6) == "image: the training samples carry no label"
     assert "fewer than 2 classes" in fit_image(images, ["0"] * 6)
+    assert "fewer than 2 classes" in fit_image(images, ["0"] * 5 + ["1"])
 
 
 def test_text_recogniser_reads_the_class_and_never_credits_an_empty_text() -> None:
     words = ["zero", "one", "two"]
-    texts = [t.format(w) for w in words for t in ("a handwritten {}", "the digit {}", "{}")]
-    labels = [str(i) for i in range(3) for _ in range(3)]
+    templates = ("a handwritten {}", "the digit {}", "{}", "a {} digit", "it is {}")
+    texts = [t.format(w) for w in words for t in templates]
+    labels = [str(i) for i in range(3) for _ in templates]
+    # A class seen once ("forty two") is fitted on nothing and judged never.
+    texts, labels = texts + ["forty two"], labels + ["42"]
     judge = fit_text(texts, labels)
     assert not isinstance(judge, str)
     assert judge.predict(["an image of a two", "", "xyzzy", "one"]) == ["2", None, None, "1"]
     assert judge.accuracy(["", "two"], ["0", "2"]) == 0.5
+    assert judge.classes == ["0", "1", "2"]
+    assert judge.judges("1") and not judge.judges("42") and not judge.judges(None)
 
 
 def test_audio_recogniser_handles_clips_of_any_length() -> None:
