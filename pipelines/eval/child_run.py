@@ -117,7 +117,8 @@ def evaluate_claimed(session: Session, store: ClaimStore, claim: Claim, suite: s
         "headline": headline,
         "seconds": seconds,
     }
-    if not store.finish(claim.run_id, claim.step, record, claim):
+    published = store.publish(claim, record)
+    if published is None:
         log.warning(
             "run %s %s: attempt %d finished after another attempt published; discarded",
             claim.run_id,
@@ -133,4 +134,5 @@ def evaluate_claimed(session: Session, store: ClaimStore, claim: Claim, suite: s
     )
     tracker.set_tags({"eval.status": "FINISHED"})
     client.set_terminated(child_id, "FINISHED")
+    store.finish(claim.run_id, claim.step, published)
     return outcome
