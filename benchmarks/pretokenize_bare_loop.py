@@ -1,7 +1,8 @@
 """The bare baseline of ``pretokenize_throughput.py``: the loop a user would write by hand.
 
 One process, no Ray, one torch thread: load the tokenizers once, run ``process_shard`` on
-every input shard in order with the stage's own settings, print the timings as JSON. It
+every input shard in order with the stage's own settings (staging its samples; the
+stage's packing into full tars is not part of this loop), print the timings as JSON. It
 imports only what that loop needs, so its start-up is the same cold start an actor pays.
 
     python benchmarks/pretokenize_bare_loop.py CONFIG_JSON
@@ -35,7 +36,7 @@ def main(config_json: str) -> None:
     samples = 0
     for part in sorted(manifest["path"].to_pylist()):
         result = process_shard(part, tokenizers, settings)
-        samples += sum(t["samples"] for t in result["tars"])
+        samples += sum(t["samples"] for t in result["staged"])
     print(json.dumps({"samples": samples, "loop_seconds": time.perf_counter() - loaded}))
 
 

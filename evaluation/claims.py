@@ -2,24 +2,31 @@
 
 Per (suite, run, checkpoint) a folder ``<workspace>/eval/claims/<suite>/<run_id>/step-NNNNNNN/``:
 
-* ``attempt-K.json``: attempt K belongs to whoever *created* it. Creation is exclusive:
-  ``os.link`` of a fully written temp file on local disk (fails if the name exists), a
-  conditional PUT (``If-None-Match: *``) on S3. Two sweeps racing for a checkpoint both
-  try to create the same next attempt; exactly one succeeds.
-* The owner renews ``lease_until`` (a heartbeat) while it evaluates. A claim whose lease
-  ran out (its sweep crashed) or whose owner recorded an error is taken over by creating
-  attempt K + 1 - exclusively again - up to ``max_attempts``.
-* ``done.json`` (created exclusively too): status ``finished`` with the metrics and the
-  MLflow child run, or ``failed`` with every attempt's error. A done checkpoint is never
-  claimed again, so ``omni sweep --once`` from cron is idempotent.
-* The done record is the fence. A sweep that is slow but alive can see its lease run out
-  (a stalled heartbeat, a paused VM) and attempt K + 1 taken over while it still
-  evaluates; both then finish, and only the first to create ``done.json`` publishes. The
-  record names the attempt that won (``attempt``, ``owner``); the other owner learns from
-  :meth:`ClaimStore.finish` that it lost and discards its result.
+* ``attempt-K.json``: attempt K belongs to whoever *created* it. Creation is exclusive
+  (:func:`infra.conditional_writes.create_exclusive`: a hard link locally, a conditional
+  PUT on S3 whose 412 and 409 answers both mean "someone else was first"). Two sweeps
+  racing for a checkpoint both try to create the same next attempt; exactly one succeeds.
+* The owner rewrites its attempt (a heartbeat) every third of ``lease_s`` while it
+  evaluates. The lease has lapsed when the attempt was last written more than its
+  owner's ``lease_s`` ago *by the store's clock* (S3's ``LastModified`` against its
+  ``Date``), so sweeps on machines whose clocks disagree judge it alike; ``lease_until``
+  in the record is the owner's own clock, for people. A lapsed claim (its sweep died or
+  stalled) or one whose owner recorded an error is taken over by creating attempt K + 1,
+  exclusively again, up to ``max_attempts``; the taker learns which attempts lapsed
+  (``Claim.lapsed``), so it can end what they left open.
+* ``result.json`` (created exclusively) is the fence. A sweep that is slow but alive can
+  see its lease lapse and attempt K + 1 taken over while it still evaluates; both then
+  finish, and only the first to create ``result.json`` publishes (:meth:`ClaimStore.publish`
+  tells the other it lost, and it discards its result). The record names the winner.
+* ``done.json`` (created exclusively too) is written last: for a published result only
+  once it is complete elsewhere (the caller's mirrored metrics and ended MLflow run); for a
+  checkpoint that ``failed`` or was ``pruned``, directly. A done checkpoint is never
+  claimed again, so ``omni sweep --once`` from cron is idempotent. A result without a
+  done record (its publisher died in between) is handed out as :class:`Published` once
+  the publisher's lease lapsed, for the caller to complete.
 
-The store only needs exclusive create, read, overwrite-own and list: the pattern of a
-lease-based lock on object storage, with no lock server.
+The store only needs exclusive create, read, overwrite-own, list and the store's clock:
+the pattern of a lease-based lock on object storage, with no lock server.
 """
 
 from __future__ import annotations
@@ -34,47 +41,17 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from infra.conditional_writes import age_s, create_exclusive
 from infra.storage import Storage, is_remote, join
 from training.checkpointing import step_name
 
 DONE = "done.json"
+RESULT = "result.json"
 log = logging.getLogger(__name__)
 ATTEMPT = re.compile(r"attempt-(\d+)\.json$")
-
-
-def create_exclusive(storage: Storage, uri: str, data: bytes) -> bool:
-    """Write ``data`` at ``uri`` only if nothing is there; True if this call created it.
-
-    Readers never see a partial object: locally the content is written to a temp file
-    first and hard-linked into place (``link`` fails when the name exists); on S3 the PUT
-    is conditional (``If-None-Match: *``, answered 412 when the key exists).
-    """
-    fs, path = storage.filesystem(uri)
-    if is_remote(uri):
-        bucket, key = path.split("/", 1)
-        try:
-            fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-        except FileExistsError:  # s3fs's translation of 412 Precondition Failed
-            return False
-        finally:  # s3fs caches listings; this write went around it
-            fs.invalidate_cache(path)
-        return True
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        return False
-    finally:
-        os.remove(tmp)
-    return True
 
 
 @dataclass
@@ -86,6 +63,7 @@ class Claim:
     attempt: int
     uri: str
     record: dict[str, Any]
+    lapsed: list[int] = field(default_factory=list)  # earlier attempts whose lease lapsed
 
 
 @dataclass
@@ -95,6 +73,17 @@ class Exhausted:
     run_id: str
     step: int
     errors: list[str]
+    lapsed: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Published:
+    """A published result with no done record whose publisher's lease lapsed: the caller
+    completes what the publisher left undone, then writes the done record."""
+
+    run_id: str
+    step: int
+    record: dict[str, Any]
 
 
 class ClaimStore:
@@ -134,28 +123,64 @@ class ClaimStore:
             else None
         )
 
-    def attempts(self, run_id: str, step: int) -> list[dict[str, Any]]:
-        """The attempt records of a checkpoint, in attempt order."""
+    def attempt_uri(self, run_id: str, step: int, attempt: int) -> str:
+        return join(self.folder(run_id, step), f"attempt-{attempt}.json")
+
+    def _attempts(self, run_id: str, step: int) -> list[tuple[str, dict[str, Any]]]:
         found = []
         for uri in self.storage.list(self._fresh(self.folder(run_id, step))):
             match = ATTEMPT.search(uri)
             if match:
                 found.append((int(match.group(1)), uri))
-        return [json.loads(self.storage.read_bytes(uri)) for _, uri in sorted(found)]
+        return [(uri, json.loads(self.storage.read_bytes(uri))) for _, uri in sorted(found)]
 
-    def claim(self, run_id: str, step: int) -> Claim | Exhausted | None:
+    def attempts(self, run_id: str, step: int) -> list[dict[str, Any]]:
+        """The attempt records of a checkpoint, in attempt order."""
+        return [record for _, record in self._attempts(run_id, step)]
+
+    def lapsed(self, uri: str, record: dict[str, Any]) -> bool:
+        """Whether the attempt ``record`` at ``uri`` went unrenewed for longer than its
+        owner's lease, by the store's clock (a missing attempt has no lease)."""
+        try:
+            return age_s(self.storage, uri) > float(record.get("lease_s", self.lease_s))
+        except FileNotFoundError:
+            return True
+
+    def attempt_lapsed(self, run_id: str, step: int, attempt: int) -> bool:
+        uri = self.attempt_uri(run_id, step, attempt)
+        try:
+            record = json.loads(self.storage.read_bytes(uri))
+        except FileNotFoundError:
+            return True
+        return self.lapsed(uri, record)
+
+    def published(self, run_id: str, step: int) -> dict[str, Any] | None:
+        """The published result of a checkpoint (``result.json``), or None."""
+        uri = join(self.folder(run_id, step), RESULT)
+        if not self.storage.exists(self._fresh(uri)):
+            return None
+        return json.loads(self.storage.read_bytes(uri))
+
+    def claim(self, run_id: str, step: int) -> Claim | Exhausted | Published | None:
         """Take the next attempt at ``(run_id, step)``; None when it is done, held by a live
-        lease, or another sweep took that attempt first."""
+        lease, or another sweep took that attempt first; :class:`Published` when a result
+        awaits completion by whoever asks."""
         if self.done(run_id, step) is not None:
             return None
-        attempts = self.attempts(run_id, step)
+        published = self.published(run_id, step)
+        if published is not None:
+            lapsed = self.attempt_lapsed(run_id, step, int(published["attempt"]))
+            return Published(run_id, step, published) if lapsed else None
+        attempts = self._attempts(run_id, step)
         if attempts:
-            last = attempts[-1]
-            if last["status"] == "running" and last["lease_until"] > time.time():
+            uri, last = attempts[-1]
+            if last["status"] == "running" and not self.lapsed(uri, last):
                 return None
+        lapsed = [int(record["attempt"]) for _, record in attempts if record["status"] == "running"]
         number = len(attempts) + 1
         if number > self.max_attempts:
-            return Exhausted(run_id, step, [a.get("error") or "lease expired" for a in attempts])
+            errors = [record.get("error") or "lease expired" for _, record in attempts]
+            return Exhausted(run_id, step, errors, lapsed)
         record = {
             "run_id": run_id,
             "step": step,
@@ -163,12 +188,13 @@ class ClaimStore:
             "owner": self.owner,
             "status": "running",
             "started_at": time.time(),
+            "lease_s": self.lease_s,
             "lease_until": time.time() + self.lease_s,
         }
-        uri = join(self.folder(run_id, step), f"attempt-{number}.json")
+        uri = self.attempt_uri(run_id, step, number)
         if not create_exclusive(self.storage, uri, json.dumps(record).encode()):
             return None
-        return Claim(run_id, step, number, uri, record)
+        return Claim(run_id, step, number, uri, record, lapsed)
 
     def _rewrite(self, claim: Claim, **changes: Any) -> None:
         claim.record.update(changes)
@@ -200,15 +226,27 @@ class ClaimStore:
         """The attempt failed: its error is kept, and the next attempt may be taken."""
         self._rewrite(claim, status="error", error=error, finished_at=time.time())
 
-    def finish(
-        self, run_id: str, step: int, record: dict[str, Any], claim: Claim | None = None
-    ) -> bool:
-        """Publish the checkpoint's ``done.json``; False if another attempt already did, in
-        which case the caller's result is not the checkpoint's and must be discarded.
-        ``claim`` (the attempt that produced ``record``) is named in the record."""
-        payload = {"run_id": run_id, "step": step, "finished_at": time.time(), **record}
-        if claim is not None:
-            payload.update(attempt=claim.attempt, owner=self.owner)
+    def publish(self, claim: Claim, record: dict[str, Any]) -> dict[str, Any] | None:
+        """Publish ``claim``'s result as the checkpoint's (``result.json``): the published
+        record (it names the attempt, the owner and ``published_ms``, the one timestamp
+        every copy of its metrics is logged with), or None if another attempt published
+        first, in which case the caller's result is not the checkpoint's and is discarded."""
+        payload = {
+            "run_id": claim.run_id,
+            "step": claim.step,
+            **record,
+            "attempt": claim.attempt,
+            "owner": self.owner,
+            "published_ms": int(time.time() * 1000),
+        }
+        uri = join(self.folder(claim.run_id, claim.step), RESULT)
+        data = json.dumps(payload, default=str).encode()
+        return json.loads(data) if create_exclusive(self.storage, uri, data) else None
+
+    def finish(self, run_id: str, step: int, record: dict[str, Any]) -> bool:
+        """Write the checkpoint's ``done.json``; False if someone else already did (a sweep
+        that completed the same published result, or recorded the checkpoint failed)."""
+        payload = {"run_id": run_id, "step": step, **record, "finished_at": time.time()}
         uri = join(self.folder(run_id, step), DONE)
         return create_exclusive(self.storage, uri, json.dumps(payload, default=str).encode())
 

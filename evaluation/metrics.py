@@ -2,12 +2,14 @@
 
 Text and image metrics come from ``torchmetrics`` (BLEU, WER, PSNR, SSIM) rather than
 hand-written formulas; what is ours is only the retrieval ranking (recall@k and median
-rank from a similarity matrix, with the chance level of each), the mel-spectrogram L1
-and the DGS length check, each a few lines with its definition in the docstring.
+rank from a similarity matrix and each query's positives, with the chance level of
+each), the mel-spectrogram L1 and the DGS length check, each a few lines with its
+definition in the docstring.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torchmetrics.functional.image import (
     peak_signal_noise_ratio,
@@ -18,27 +20,72 @@ from torchmetrics.functional.text import bleu_score, word_error_rate
 RECALL_AT = (1, 5, 10)
 
 
-def ranks(similarity: Tensor) -> Tensor:
-    """Float[N, N] similarity (query i, candidate j; the match of i is j = i) -> Long[N],
-    the 1-based rank of each query's match among all candidates (ties count against it)."""
+def identity_positives(similarity: Tensor) -> Tensor:
+    """Bool[N, N]: the match of query i is candidate i alone (the default pairing)."""
     if similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1]:
         raise ValueError(f"similarity must be square (N, N), got {tuple(similarity.shape)}")
-    matched = similarity.diagonal()[:, None]
-    return (similarity >= matched).sum(1)
+    return torch.eye(similarity.shape[0], dtype=torch.bool, device=similarity.device)
 
 
-def retrieval_metrics(similarity: Tensor) -> dict[str, float]:
-    """Recall@{1,5,10} (share of queries whose match ranks within k) and the median rank,
-    over queries of Float[N, N] ``similarity``; ``chance_*`` are the same under a random
-    ranking: recall@k = min(k, N) / N, median rank = (N + 1) / 2."""
-    rank = ranks(similarity).float()
-    n = rank.numel()
+def check_positives(similarity: Tensor, positives: Tensor | None) -> Tensor:
+    """Bool[N, M] positives of Float[N, M] ``similarity`` (identity when None); every query
+    needs at least one positive, or its rank is undefined."""
+    if positives is None:
+        return identity_positives(similarity)
+    if similarity.dim() != 2 or positives.shape != similarity.shape:
+        raise ValueError(
+            f"positives {tuple(positives.shape)} must match similarity {tuple(similarity.shape)}"
+        )
+    positives = positives.to(dtype=torch.bool, device=similarity.device)
+    orphans = (~positives.any(1)).nonzero().flatten().tolist()
+    if orphans:
+        raise ValueError(f"queries {orphans[:10]} have no positive candidate")
+    return positives
+
+
+def ranks(similarity: Tensor, positives: Tensor | None = None) -> Tensor:
+    """Float[N, M] similarity (query i, candidate j) -> Long[N], the 1-based rank of each
+    query's best-ranked positive: 1 + the negatives scoring at least as high as it.
+
+    ``positives`` Bool[N, M] says which candidates match each query (default: the
+    diagonal of a square matrix). As in retrieval benchmarks with several captions per
+    image, a query is a hit at k if *any* of its positives ranks within k; other
+    positives never count against it (a duplicate image ties with its twin). A tie with
+    a *negative* does count against it, so a collapsed embedding (every score equal)
+    ranks last instead of first."""
+    positives = check_positives(similarity, positives)
+    best = similarity.masked_fill(~positives, float("-inf")).max(1, keepdim=True).values
+    return 1 + ((similarity >= best) & ~positives).sum(1)
+
+
+def chance_hit_rate(candidates: int, positives: Tensor, k: int) -> Tensor:
+    """Float[N]: probability that a uniformly random ranking of ``candidates`` puts at
+    least one of a query's Long[N] ``positives`` within the top k:
+    1 - C(M - P, k) / C(M, k) = 1 - prod_{i<k} (M - P - i) / (M - i)."""
+    k = min(k, candidates)
+    steps = torch.arange(k, dtype=torch.float64)
+    misses = (candidates - positives.double()[:, None] - steps).clamp(min=0) / (candidates - steps)
+    return 1 - misses.prod(1)
+
+
+def retrieval_metrics(similarity: Tensor, positives: Tensor | None = None) -> dict[str, float]:
+    """Recall@{1,5,10} (share of queries with a positive ranked within k) and the median
+    rank, over queries of Float[N, M] ``similarity`` with Bool[N, M] ``positives`` (see
+    ``ranks``; default the diagonal). ``chance_*`` are the same under a random ranking of
+    the M candidates: recall@k = mean over queries of 1 - C(M-P, k)/C(M, k) (k/M with one
+    positive), median rank = the median over queries of the expected rank of the first of
+    P positives, (M + 1) / (P + 1) ((M + 1) / 2 with one)."""
+    positives = check_positives(similarity, positives)
+    rank = ranks(similarity, positives).float()
+    candidates = similarity.shape[1]
+    per_query = positives.sum(1)
     out: dict[str, float] = {}
     for k in RECALL_AT:
         out[f"r{k}"] = float((rank <= k).float().mean())
-        out[f"chance_r{k}"] = min(k, n) / n
+        out[f"chance_r{k}"] = float(chance_hit_rate(candidates, per_query, k).mean())
     out["median_rank"] = float(rank.quantile(0.5))  # the mean of the middle two if N even
-    out["chance_median_rank"] = (n + 1) / 2
+    expected = (candidates + 1) / (per_query.double() + 1)
+    out["chance_median_rank"] = float(expected.quantile(0.5))
     return out
 
 

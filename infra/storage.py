@@ -6,8 +6,9 @@ raw ``open``, so the same code runs on a laptop and against a bucket. fsspec (an
 
 * atomic writes: a reader never sees half a file (temp name + rename locally; on S3 an
   object only becomes visible when its single PUT, or its multipart upload, completes);
-* bounded retries with exponential backoff on transient network errors, then one
-  :class:`StorageError` that names the endpoint instead of a botocore traceback;
+* bounded retries with exponential backoff and jitter on transient errors (network
+  errors and timeouts, S3's 5xx and throttling answers), then one :class:`StorageError`
+  that names the endpoint instead of a botocore traceback;
 * URIs in, URIs out: ``glob`` and ``list`` return strings in the caller's own style.
 
 Credentials are never part of the config: s3fs takes them from the standard AWS
@@ -22,6 +23,7 @@ import contextlib
 import io
 import os
 import posixpath
+import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -52,7 +54,9 @@ class StorageConfig(BaseModel):
 
     s3: S3Config = Field(default_factory=S3Config)
     retries: int = Field(3, ge=1, description="attempts per operation on transient errors")
-    backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each attempt")
+    backoff_s: float = Field(
+        0.5, ge=0, description="first retry delay; doubles each attempt, with random jitter"
+    )
 
 
 class StorageError(RuntimeError):
@@ -79,6 +83,39 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 
 
 TRANSIENT_ERRORS = _transient_errors()
+# S3 error codes that mean "try again": throttling, an overloaded or failing front end.
+TRANSIENT_S3_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestTimeout",
+     "InternalError", "ServiceUnavailable", "500", "502", "503", "504"}
+)  # fmt: skip
+
+
+class TransientError(OSError):
+    """Raised by an operation to ask :meth:`Storage.retry` for another try."""
+
+
+def s3_error(exc: BaseException) -> tuple[str | None, int | None]:
+    """(error code, HTTP status) of the botocore ``ClientError`` behind ``exc`` (s3fs keeps
+    it as the ``__cause__`` of the OSError it raises), or (None, None)."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        response = getattr(error, "response", None)
+        if isinstance(response, dict) and "Error" in response:
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return response["Error"].get("Code"), status
+        error = error.__cause__ or error.__context__
+    return None, None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is worth another try: a network error or timeout, or an S3 answer of
+    5xx, 429 or a throttling code."""
+    if isinstance(exc, (TransientError, *TRANSIENT_ERRORS)):
+        return True
+    code, status = s3_error(exc)
+    return code in TRANSIENT_S3_CODES or status == 429 or (status or 0) >= 500
 
 
 def _credential_errors() -> tuple[type[BaseException], ...]:
@@ -137,18 +174,18 @@ class Storage:
             client_kwargs["region_name"] = s3.region
         return {
             "client_kwargs": client_kwargs,
-            # Retries happen here, in _retry, where they are bounded and reported.
+            # Retries happen here, in retry(), where they are bounded and reported.
             "config_kwargs": {
                 "connect_timeout": s3.connect_timeout_s,
                 "read_timeout": s3.read_timeout_s,
-                "retries": {"max_attempts": 1},
+                "retries": {"total_max_attempts": 1},  # botocore: no retry of its own
             },
         }
 
     def stream_options(self, uri: str, attempts: int = 5) -> dict[str, Any]:
         """fsspec options for a long-lived reader of ``uri`` that does not go through this
         class (a training data stream): botocore retries transient S3 errors itself,
-        ``attempts`` times, since no ``_retry`` wraps such a reader."""
+        ``attempts`` times, since no ``retry`` wraps such a reader."""
         options = self._options(uri)
         if options:
             retries = {"max_attempts": attempts, "mode": "standard"}
@@ -165,8 +202,11 @@ class Storage:
             return f"S3 endpoint {self.config.s3.endpoint_url or 'AWS default'}"
         return "local filesystem"
 
-    def _retry(self, uri: str, operation: Callable[[], T]) -> T:
-        delay = self.config.backoff_s
+    def retry(self, uri: str, operation: Callable[[], T]) -> T:
+        """``operation()``, tried up to ``retries`` times while it fails transiently
+        (:func:`is_transient`), sleeping ``backoff_s * 2**k`` with equal jitter (half of
+        it fixed, half random) between tries, so that sweeps and workers that failed
+        together do not retry together; then one :class:`StorageError`."""
         for attempt in range(1, self.config.retries + 1):
             try:
                 return operation()
@@ -175,14 +215,17 @@ class Storage:
                     f"no AWS credentials for {uri} ({self.describe(uri)}): {exc}; they are read "
                     f"from {CREDENTIAL_SOURCES}"
                 ) from exc
-            except TRANSIENT_ERRORS as exc:
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
                 if attempt == self.config.retries:
+                    verb = "reach" if isinstance(exc, TRANSIENT_ERRORS) else "use"
                     raise StorageError(
-                        f"cannot reach {self.describe(uri)} for {uri} after "
+                        f"cannot {verb} {self.describe(uri)} for {uri} after "
                         f"{attempt} attempts: {exc}"
                     ) from exc
-                time.sleep(delay)
-                delay *= 2
+                ceiling = self.config.backoff_s * 2 ** (attempt - 1)
+                time.sleep(ceiling / 2 + random.uniform(0, ceiling / 2))
         raise AssertionError("unreachable")
 
     def _on_path(self, uri: str, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -190,7 +233,7 @@ class Storage:
             fs, path = self.filesystem(uri)
             return getattr(fs, method)(path, *args, **kwargs)
 
-        return self._retry(uri, call)
+        return self.retry(uri, call)
 
     def _to_uri(self, template: str, path: str) -> str:
         """Turn a path fsspec returned back into the caller's URI style."""
@@ -252,7 +295,7 @@ class Storage:
         """Write ``data`` so that readers see either the old object or the whole new one."""
         fs, path = self.filesystem(uri)
         if is_remote(uri):
-            self._retry(uri, lambda: fs.pipe_file(path, data))
+            self.retry(uri, lambda: fs.pipe_file(path, data))
             return
         directory = os.path.dirname(path) or "."
         os.makedirs(directory, exist_ok=True)

@@ -204,7 +204,8 @@ def render_sweep(report: SweepReport) -> None:
         console.print(f"note: {note}", soft_wrap=True)
     console.print(
         f"sweep ({report.suite}): {report.evaluated} evaluated, {report.failed} failed, "
-        f"{report.skipped} skipped in {report.seconds:.1f} s",
+        + (f"{report.repaired} repaired, " if report.repaired else "")
+        + f"{report.skipped} skipped in {report.seconds:.1f} s",
         soft_wrap=True,
     )
     if report.plot_path:

@@ -11,9 +11,10 @@ evaluation outlives its lease. Tasks live in ``evaluation.tasks`` and know nothi
 MLflow or claims.
 """
 
-from pipelines.eval.child_run import EvalResult, mirrored_name
+from pipelines.eval.child_run import EvalResult
 from pipelines.eval.compare import CompareReport, compare
 from pipelines.eval.generate import GenerateResult, generate_file
+from pipelines.eval.publication import mirrored_name
 from pipelines.eval.session import Session, suite_config
 from pipelines.eval.single import evaluate
 from pipelines.eval.sweep import SweepReport, sweep

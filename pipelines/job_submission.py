@@ -6,9 +6,12 @@ installed here, or none when the cluster image has them; or an ``image_uri``), s
 cluster with only Ray installed runs it. The config travels resolved, as JSON in the
 job's environment; the job runs in the submitting directory when the cluster shares
 the filesystem (relative paths then mean what they mean here), else in the shipped
-project. The ``submission_id`` is derived from workspace, stage, config and the stage's
-fingerprint, so submitting the same work twice attaches to the first job instead of
-starting a second; a failed or stopped job is followed by ``-rN`` retries. ``omni run``
+project. The ``submission_id`` is derived from the work alone (the job's label, the
+resolved config less how it is packaged and retried, the fingerprint of the corpus it
+reads), never from how far the pipeline got or where it was submitted from, so
+submitting the same work again, at any point, attaches to its job instead of starting a
+second; a failed or stopped job is followed by ``-rN`` retries. The requirements travel
+as the lock (``constraints.txt``) pins them, transitive ones included. ``omni run``
 with a remote ``ray.address`` goes the same way (:func:`jobs_address`): a driver outside
 the cluster would ship nothing to it, and would die with the laptop that runs it.
 """
@@ -116,17 +119,63 @@ def job_label(stage: str, start: str | None = None) -> str:
 # ------------------------------------------------------------------ packaging
 
 
+LOCK = PROJECT / "constraints.txt"
+
+
+def read_lock(path: Path = LOCK) -> dict[str, str]:
+    """``{canonical name: version}`` of a pip constraints file (``name==version`` lines)."""
+    from packaging.utils import canonicalize_name
+
+    lock = {}
+    for line in path.read_text().splitlines():
+        name, sep, version = line.split("#", 1)[0].strip().partition("==")
+        if sep:
+            lock[canonicalize_name(name)] = version.strip()
+    return lock
+
+
+def runtime_closure() -> set[str]:
+    """Canonical names of every distribution the project needs at run time: its
+    requirements (no extras of its own), theirs, and so on, with the extras each asks
+    for, as the markers of this Python select them. Ray is left out with what only it
+    needs: the cluster's Ray is the one the job runs."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: set[str] = set()
+    stack: list[tuple[str, frozenset[str]]] = [(DISTRIBUTION, frozenset())]
+    while stack:
+        name, extras = stack.pop()
+        try:
+            requirements = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for text in requirements:
+            requirement = Requirement(text)
+            marker = requirement.marker
+            if marker and not any(marker.evaluate({"extra": e}) for e in extras or {""}):
+                continue
+            key = canonicalize_name(requirement.name)
+            if key == "ray" or key in seen:
+                continue
+            seen.add(key)
+            stack.append((requirement.name, frozenset(requirement.extras)))
+    return seen
+
+
 def pinned_requirements() -> list[str]:
-    """The project's requirements, pinned to the versions installed here (Ray excluded:
-    the cluster's Ray is the one it runs; local version labels like ``+cpu`` dropped)."""
+    """``name==version`` for everything :func:`runtime_closure` holds, at the lock's
+    version (the installed one, local label like ``+cpu`` dropped, if the lock lacks it),
+    so the cluster resolves nothing of its own: it runs the versions the tests ran."""
+    lock = read_lock()
     pinned = []
-    for requirement in importlib.metadata.requires(DISTRIBUTION) or []:
-        if "extra ==" in requirement:
-            continue
-        name = re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0]
-        if name.lower() == "ray":
-            continue
-        version = importlib.metadata.version(name).split("+", 1)[0]
+    for name in sorted(runtime_closure()):
+        version = lock.get(name)
+        if version is None:
+            try:
+                version = importlib.metadata.version(name).split("+", 1)[0]
+            except importlib.metadata.PackageNotFoundError:
+                continue  # a requirement of another platform
         pinned.append(f"{name}=={version}")
     return pinned
 
@@ -158,29 +207,41 @@ def runtime_env(config: PipelineConfig, stage: str, submission_id: str) -> dict[
     return env
 
 
-def submission_base(config: PipelineConfig, stage: str, stage_fingerprint: str | None) -> str:
-    """``omni-<stage>-<hash>``: the same work (workspace, submitting directory, stage,
-    config, inputs) gives the same id."""
-    workspace = absolute(config.workspace)
-    dump = config.model_dump(mode="json")
-    key = fingerprint(workspace, os.getcwd(), stage, dump, stage_fingerprint)
-    return f"omni-{stage}-{key[:12]}"
+NOT_THE_WORK = ("submit", "workflow")  # how a job is packaged, retried and placed
 
 
-def stage_fingerprint(config: PipelineConfig, stage: str, start: str | None = None) -> str | None:
-    """The fingerprint the stage (or ``run`` from ``start``) would write now, when it can be
-    read from here."""
-    from pipelines import workflow
-    from pipelines.stage_dag import pipeline_stages
+def resolved_work(config: PipelineConfig) -> dict[str, Any]:
+    """The config as the work it describes: every path absolute (a relative workspace
+    submitted from two folders is two workspaces; an absolute one is one), and the
+    sections that do not change what is computed left out."""
+    dump = config.model_dump(mode="json", exclude=set(NOT_THE_WORK))
+    dump["workspace"] = absolute(config.workspace)
+    for spec in dump["corpus"]["inputs"]:
+        spec["uri"] = absolute(spec["uri"])
+        if spec.get("media_root"):
+            spec["media_root"] = absolute(spec["media_root"])
+    return dump
 
-    stages = pipeline_stages()
-    only = None if stage == "run" else stage
+
+def input_fingerprint(config: PipelineConfig) -> str | None:
+    """The fingerprint of the corpus the pipeline reads (every input file's identity: name,
+    size, version), or None when this machine cannot list it. It is known before any
+    stage ran and does not change as stages finish."""
+    from pipelines.corpus import expand_inputs
+
     try:
-        plans = workflow.plan(config, stages, Storage(config.storage), start=start, only=only)
-    except (StorageError, OSError):  # a workspace this machine cannot read
+        files = expand_inputs(config.corpus, Storage(config.storage))
+    except (StorageError, OSError):  # inputs this machine cannot read
         return None
-    prints = [p.fingerprint for p in plans if p.action != "unselected"]
-    return fingerprint(prints) if any(prints) else None
+    return fingerprint([(f.namespace, f.format, f.size, f.version) for f in files])
+
+
+def submission_base(config: PipelineConfig, label: str, inputs: str | None) -> str:
+    """``omni-<label>-<hash>`` of the work: the label (``shard``, ``run``,
+    ``run-from-train``), :func:`resolved_work` and the corpus fingerprint ``inputs``.
+    Neither the progress of the pipeline nor the submitting directory enters it."""
+    key = fingerprint(label, resolved_work(config), inputs)
+    return f"omni-{label}-{key[:12]}"
 
 
 # ------------------------------------------------------------------ submit, attach, wait

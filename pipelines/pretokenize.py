@@ -11,6 +11,11 @@ granularity, and Ray Data's streaming executor measured slower on units of this 
 (see ``pipelines/ray_units.py``). An actor whose process dies is restarted (tokenizers
 reloaded) and its task retried by Ray; shards are idempotent, so nothing is duplicated.
 
+The actors stage each shard's samples per bucket; once every shard is done, one Ray task
+per output tar packs each bucket's samples across shards into tars of
+``samples_per_tar`` (``pipelines.pretokenize_packing``), so a tar is a useful size however
+small the input shards are.
+
 When a shard kills its actor on every retry, a medium in it crashes a decoder natively
 (a segfault in a C library cannot be caught in Python). The actor is replaced, each of
 the shard's documents is tokenized alone in a throwaway Ray task, the documents whose
@@ -39,14 +44,17 @@ from infra.config import Section, fingerprint
 from infra.ray_runtime import connect, disconnect
 from infra.storage import Storage, join
 from pipelines.corpus import absolute
+from pipelines.pretokenize_packing import PACKED, pack_tar, packing_plan
 from pipelines.pretokenize_worker import (
     STAGE,
+    STAGED,
     WorkerSettings,
     marker_uri,
     process_shard,
     read_documents,
     tokenize_documents,
 )
+from pipelines.ray_units import run_units
 from pipelines.stage_state import (
     RUNNING,
     SUCCESS,
@@ -84,7 +92,10 @@ class PretokenizeConfig(Section):
     num_gpus: float = Field(1.0, ge=0, description="GPUs per actor when the cluster has GPUs")
     image_batch: int = Field(32, gt=0, description="images (and video frames) per encode call")
     audio_batch: int = Field(16, gt=0, description="audio clips per encode call")
-    samples_per_tar: int = Field(2000, gt=0, description="at most this many samples per tar")
+    samples_per_tar: int = Field(
+        2000, gt=0, description="samples per tar of a bucket (its last tar has the rest)"
+    )
+    pack_cpus: float = Field(0.5, gt=0, description="Ray CPUs per packing task (one per tar)")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of documents in 'eval'")
     sequences: SequenceConfig = Field(default_factory=SequenceConfig)
     max_restarts: int = Field(3, ge=0, description="restarts of an actor whose process died")
@@ -224,7 +235,7 @@ def _run_pool(
                 continue
             idle.append(actor)
             results.append(result)
-            totals["samples"] += sum(t["samples"] for t in result["tars"])
+            totals["samples"] += sum(t["samples"] for t in result["staged"])
             totals["quarantined"] += len(result["quarantine"])
             bar.set_postfix(samples=totals["samples"], quarantined=totals["quarantined"])
             bar.update(1)
@@ -233,12 +244,29 @@ def _run_pool(
     return results, size
 
 
+def _pack(
+    config: PipelineConfig, settings: WorkerSettings, results: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Pack every bucket's staged samples into tars of ``samples_per_tar``; their rows."""
+    staged = [entry for result in results for entry in result["staged"]]
+    rows = packing_plan(staged, settings.samples_per_tar)
+    return run_units(
+        pack_tar,
+        rows,
+        {"settings": settings},
+        config.pretokenize.pack_cpus,
+        "pack",
+        retries=config.pretokenize.max_restarts,
+    )
+
+
 def _finish(
-    storage: Storage, stage_dir: str, results: list[dict[str, Any]]
+    storage: Storage, stage_dir: str, results: list[dict[str, Any]], packed: list[dict[str, Any]]
 ) -> tuple[dict[str, dict[str, Any]], Counter[str], int]:
-    """Write manifest.parquet, quarantine.parquet and stats.json from the shard results."""
+    """Write manifest.parquet, quarantine.parquet and stats.json from the shard results
+    and the packed tars."""
     ordered = sorted(results, key=lambda r: r["part"])
-    tars = sorted((t for r in ordered for t in r["tars"]), key=lambda t: (t["bucket"], t["path"]))
+    tars = sorted(packed, key=lambda t: (t["bucket"], t["path"]))
     manifest = pa.Table.from_pylist(tars, schema=MANIFEST_SCHEMA)
     storage.write_bytes(join(stage_dir, "manifest.parquet"), parquet_bytes(manifest))
     rows = [row for r in ordered for row in r["quarantine"]]
@@ -300,9 +328,10 @@ def run(config: PipelineConfig) -> PretokenizeReport:
     started_ray = connect(config.ray)
     try:
         fresh, size = _run_pool(config, settings, pending) if pending else ([], 0)
+        packed = _pack(config, settings, resumed + fresh)
     finally:
         disconnect(started_ray)
-    buckets, quarantined, tar_count = _finish(storage, stage_dir, resumed + fresh)
+    buckets, quarantined, tar_count = _finish(storage, stage_dir, resumed + fresh, packed)
     report = PretokenizeReport(
         stage_dir,
         False,
@@ -332,6 +361,6 @@ def run(config: PipelineConfig) -> PretokenizeReport:
             layout=tokenizers["layout"],
         ),
     )
-    for leftover in ("_done", RUNNING):
+    for leftover in ("_done", STAGED, PACKED, RUNNING):
         storage.remove(join(stage_dir, leftover), recursive=True)
     return report

@@ -3,8 +3,10 @@
 Media are decoded one document at a time (a medium a tokenizer refuses quarantines its
 document, never the shard), then encoded in batches per modality: all texts in one BPE
 call, images and video frames in image batches, audio clips in audio batches. Each
-document then yields its sequences per bucket (``tokenization.sequences``), written as
-WebDataset tars ``tokens/<bucket>/<shard>-<chunk>.tar`` and, last, a marker listing them.
+document then yields its sequences per bucket (``tokenization.sequences``), staged as
+one WebDataset tar per bucket ``tokens/_staged/<bucket>/<shard>.tar`` and, last, a marker
+listing them; ``pipelines.pretokenize_packing`` then packs the staged samples of all
+shards into tars of ``samples_per_tar``.
 
 A medium that crashes its decoder outright (a native segfault or abort, not a Python
 exception) kills the process instead; the driver then finds the document on its own
@@ -14,7 +16,6 @@ exception) kills the process instead; the driver then finds the document on its 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter, defaultdict
 from collections.abc import Mapping
@@ -35,6 +36,7 @@ from tokenization.token_samples import declared_split, encode_sample, sample_key
 from tokenization.video import read_frames
 
 STAGE = "pretokenize"
+STAGED = "_staged"
 LENGTH_BINS = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # sequence-length histogram edges
 
 
@@ -62,6 +64,12 @@ def length_bin(length: int) -> str:
 
 def marker_uri(tokens_dir: str, part: str) -> str:
     return join(tokens_dir, "_done", part.replace(".parquet", ".json"))
+
+
+def staged_path(bucket: str, part: str) -> str:
+    """Where input shard ``part`` stages its samples of ``bucket`` (under ``tokens/``)."""
+    number = int(part.removeprefix("part-").removesuffix(".parquet"))
+    return f"{STAGED}/{bucket}/{number:06d}.tar"
 
 
 class _Pending:
@@ -201,12 +209,12 @@ def process_shard(
     settings: WorkerSettings,
     crashed: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Tokenize one input shard and publish its tars; idempotent through its marker.
+    """Tokenize one input shard and stage its samples; idempotent through its marker.
 
-    Tars are written atomically under deterministic names, the marker last: a worker
-    killed half-way leaves no marker, and the retry rewrites the same tars with the same
-    content, so no sample is lost or duplicated. ``crashed``: document id -> why; those
-    documents crashed a worker and are quarantined without being decoded again.
+    Staged tars are written atomically under deterministic names, the marker last: a
+    worker killed half-way leaves no marker, and the retry rewrites the same tars with the
+    same content, so no sample is lost or duplicated. ``crashed``: document id -> why;
+    those documents crashed a worker and are quarantined without being decoded again.
     """
     storage = settings.storage
     marker = marker_uri(settings.tokens_dir, part)
@@ -220,8 +228,7 @@ def process_shard(
     quarantine += [
         _quarantine(d, "decoder_crashed", crashed[d["id"]]) for d in documents if d["id"] in crashed
     ]
-    number = int(part.removeprefix("part-").removesuffix(".parquet"))
-    tars, stats = [], {}
+    staged, stats = [], {}
     for bucket in sorted(samples):
         ordered = sorted(samples[bucket], key=lambda s: s["__key__"])
         lengths = [json.loads(s["meta.json"])["length"] for s in ordered]
@@ -230,24 +237,12 @@ def process_shard(
             "tokens": int(sum(lengths)),
             "histogram": dict(Counter(length_bin(n) for n in lengths)),
         }
-        for chunk, start in enumerate(range(0, len(ordered), settings.samples_per_tar)):
-            group = ordered[start : start + settings.samples_per_tar]
-            data = write_tar(group)
-            path = f"{bucket}/{number:06d}-{chunk:03d}.tar"
-            storage.write_bytes(join(settings.tokens_dir, path), data)
-            tars.append(
-                {
-                    "bucket": bucket,
-                    "path": path,
-                    "samples": len(group),
-                    "tokens": int(sum(json.loads(s["meta.json"])["length"] for s in group)),
-                    "bytes": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                }
-            )
+        path = staged_path(bucket, part)
+        storage.write_bytes(join(settings.tokens_dir, path), write_tar(ordered))
+        staged.append({"bucket": bucket, "path": path, "samples": len(ordered)})
     result = {
         "part": part,
-        "tars": tars,
+        "staged": staged,
         "stats": stats,
         "quarantine": quarantine,
         "documents": len(documents),

@@ -24,6 +24,14 @@ class UnitFailed(RuntimeError):
     """A unit of work failed after its retries; the message names the unit."""
 
 
+def run_as_task(function: Callable[..., Any], *args: Any, num_cpus: float, num_gpus: float) -> Any:
+    """``function(*args)`` as one Ray task holding ``num_cpus`` and ``num_gpus``, so Ray
+    places it on a node that has them; its exception, if any, is re-raised here as
+    itself. Not retried by Ray: the caller (the workflow) decides what is transient."""
+    task = ray.remote(function).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
+    return ray.get(task.remote(*args))
+
+
 def run_units(
     function: Callable[..., dict[str, Any]],
     rows: list[dict[str, Any]],

@@ -8,6 +8,12 @@ to describe what it produced. The eval sweep writes no stage marker: its
 fingerprint (``eval`` section + the training's) lives in the workflow's record, so a
 finished sweep of an unchanged run is skipped without opening MLflow. Stage modules are
 imported only when a stage is planned or run: they pull in torch, DeepSpeed and MLflow.
+
+The tokenizer warm-up and the evaluation sweep are not Ray programs of their own: on a
+cluster (``ray.address`` set, as in a submitted job or a RayJob) each runs as one Ray task
+with the resources of ``workflow.tokenizers`` / ``workflow.eval`` (:func:`_placed`), so it
+lands on a worker that has them (a GPU) and not in the driver on the head; with a local
+Ray they run in this process, the only machine there is.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ from infra.config import fingerprint, public_dict
 from infra.storage import Storage, StorageError, join
 from pipelines.corpus import absolute
 from pipelines.stage_state import SUCCESS, read_marker, read_parquet
-from pipelines.workflow import Markers, Stage
+from pipelines.workflow import Markers, Stage, TaskResources
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pipelines.config import PipelineConfig
 
 EVAL_MODULE = "pipelines.eval_stage"
@@ -80,10 +88,26 @@ def _run_shard(config: PipelineConfig) -> Any:
     return shard.run(config)
 
 
+def _placed(
+    function: Callable[..., Any], config: PipelineConfig, resources: TaskResources, *args: Any
+) -> Any:
+    """``function(config, *args)``: on a cluster as a Ray task holding ``resources``, with a
+    local Ray in this process (see the module docstring)."""
+    if not config.ray.address:
+        return function(config, *args)
+    from infra.ray_runtime import connect
+    from pipelines.ray_units import run_as_task
+
+    connect(config.ray)  # kept for the stages after this one (the workflow's session)
+    return run_as_task(
+        function, config, *args, num_cpus=resources.num_cpus, num_gpus=resources.num_gpus
+    )
+
+
 def _run_tokenizers(config: PipelineConfig) -> Any:
     from pipelines import tokenizers_stage
 
-    return tokenizers_stage.run(config)
+    return _placed(tokenizers_stage.run, config, config.workflow.tokenizers)
 
 
 def _run_pretokenize(config: PipelineConfig) -> Any:
@@ -108,20 +132,25 @@ class EvalOutcome:
 
 
 def _run_eval(config: PipelineConfig) -> EvalOutcome:
-    from pipelines import eval_stage
-
     trained = read_marker(
         Storage(config.storage), join(absolute(config.workspace), "train"), SUCCESS
     )
     if not trained:
         raise FileNotFoundError("no finished training run in the workspace: run `omni train`")
-    report = eval_stage.sweep(config, run_ids=[trained["run_id"]])
+    report = _placed(_sweep_run, config, config.workflow.eval, trained["run_id"])
     if report.failed:
         notes = "; ".join(report.notes)
         raise RuntimeError(
             f"{report.failed} checkpoint(s) failed evaluation{': ' if notes else ''}{notes}"
         )
     return EvalOutcome(trained["run_id"], report, skipped=not report.evaluated)
+
+
+def _sweep_run(config: PipelineConfig, run_id: str) -> Any:
+    """The eval stage's sweep: every new checkpoint of the workflow's training run."""
+    from pipelines import eval_stage
+
+    return eval_stage.sweep(config, run_ids=[run_id])
 
 
 def _eval_available() -> str | None:

@@ -242,8 +242,8 @@ def _submit(
 
     client = JobSubmissionClient(address)
     try:
-        work = jobs.stage_fingerprint(pipeline, target, start)
-        base = jobs.submission_base(pipeline, jobs.job_label(target, start), work)
+        inputs = jobs.input_fingerprint(pipeline)
+        base = jobs.submission_base(pipeline, jobs.job_label(target, start), inputs)
         submission = jobs.submit(client, pipeline, target, base, start)
     except ConfigError as exc:
         _fail(str(exc), 2)

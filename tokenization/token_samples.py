@@ -136,6 +136,20 @@ def write_tar(samples: list[dict[str, bytes]]) -> bytes:
     return buffer.getvalue()
 
 
+def read_tar(data: bytes) -> list[dict[str, bytes]]:
+    """The samples of an in-memory tar as :func:`write_tar` takes them (``__key__`` and
+    member bytes), in file order: its inverse, through webdataset's own tar reader."""
+    files = tar_file_expander([{"url": "memory", "stream": io.BytesIO(data)}])
+    return [
+        {
+            name: value
+            for name, value in raw.items()
+            if name == "__key__" or not name.startswith("__")
+        }
+        for raw in group_by_keys(files)
+    ]
+
+
 @dataclass
 class TokenSample:
     """One decoded sample: ``tokens`` (L,) int64, ``modality`` (L,) uint8, its meta."""

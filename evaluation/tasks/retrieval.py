@@ -5,6 +5,10 @@ sequence is its embedding. From each ``X2text`` eval sample the medium alone
 (``<BOS> <BO*> ids <EO*> <EOS>``) and the text alone (``<BOS> text <EOS>``) are embedded,
 fully bidirectional; cosine similarity ranks every candidate for every query, in both
 directions. Recall@1/5/10 and the median rank, each with its chance level.
+
+An eval split may hold the same medium twice (one image, two captions) or the same
+caption twice: every pair that shares the query's medium or its caption is a correct
+answer (``pair_positives``), so a duplicate is not scored as a miss.
 """
 
 from __future__ import annotations
@@ -33,6 +37,19 @@ def embed(context: TaskContext, rows: list[Tensor]) -> Tensor:
     return F.normalize(torch.cat(out), dim=-1).cpu()
 
 
+def same_rows(rows: list[Tensor]) -> Tensor:
+    """Bool[N, N]: whether row i and row j hold the same ids."""
+    groups: dict[tuple[int, ...], int] = {}
+    group = torch.tensor([groups.setdefault(tuple(row.tolist()), len(groups)) for row in rows])
+    return group[:, None] == group[None, :]
+
+
+def pair_positives(media: list[Tensor], texts: list[Tensor]) -> Tensor:
+    """Bool[N, N] for N (medium, text) eval pairs: pair j answers a query from pair i when
+    it has the same medium or the same text (symmetric, so it serves both directions)."""
+    return same_rows(media) | same_rows(texts)
+
+
 def run(context: TaskContext) -> TaskResult:
     """Both directions for every medium with at least two eval pairs."""
     layout = context.loaded.model.layout
@@ -49,8 +66,9 @@ def run(context: TaskContext) -> TaskResult:
             media.append(torch.cat([instruction, eos]))  # <BOS> <BO*> ids <EO*> <EOS>
             texts.append(torch.cat([bos, response]))  # <BOS> text <EOS>
         similarity = embed(context, texts) @ embed(context, media).T  # (text, medium)
+        positives = pair_positives(media, texts)
         for name, matrix in ((f"text2{medium}", similarity), (f"{medium}2text", similarity.T)):
-            for key, value in retrieval_metrics(matrix).items():
+            for key, value in retrieval_metrics(matrix, positives).items():
                 result.metrics[f"retrieval/{name}/{key}"] = value
             result.headline += [f"retrieval/{name}/r1", f"retrieval/{name}/median_rank"]
         result.metrics[f"retrieval/text2{medium}/pairs"] = float(len(samples))

@@ -2,12 +2,13 @@
 
 The child run (``mlflow.parentRunId`` = the training run; tags ``eval.checkpoint_step``,
 ``eval.suite``, ``eval.status``, ``eval.attempt``) receives the suite's params, metrics
-and artifacts. Then the result is published through the claim store's done record, the
-fence of :mod:`evaluation.claims`: only the attempt that creates it mirrors its headline
-metrics into the training run (``eval/<metric>`` at the checkpoint's step) and ends its
-child ``FINISHED``; an attempt that lost (its lease lapsed and a later one finished first)
-ends its child ``KILLED`` with ``eval.status = SUPERSEDED`` and mirrors nothing, so no
-reader of MLflow sees a checkpoint evaluated twice.
+and artifacts. Then the result is published through the claim store's ``result.json``,
+the fence of :mod:`evaluation.claims`: only the attempt that creates it goes on to
+:func:`~pipelines.eval.publication.complete` (mirror the headline metrics into the
+training run, end its child ``FINISHED``, write the done record, in that order); an
+attempt that lost (its lease lapsed and a later one published first) ends its child
+``KILLED`` with ``eval.status = SUPERSEDED`` and mirrors nothing, so no reader of MLflow
+sees a checkpoint evaluated twice.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from evaluation.sample_grid import render
 from evaluation.tasks import TASKS, TaskContext, TaskResult
 from infra.config import public_dict
 from infra.tracking import Tracker
+from pipelines.eval import publication
 from pipelines.eval.session import Session
 from pipelines.train.stage import first_line
 from training.checkpointing import step_name
@@ -46,12 +48,6 @@ class EvalResult:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     published: bool = True  # False: another attempt's done record came first
-
-
-def mirrored_name(metric: str, suite: str) -> str:
-    """The training run's copy of a headline metric: ``eval/<metric>`` for the default
-    suite, ``eval/<suite>/<metric>`` for the others (so suites never share a curve)."""
-    return f"eval/{metric}" if suite == "default" else f"eval/{suite}/{metric}"
 
 
 def run_tasks(
@@ -77,6 +73,16 @@ def run_tasks(
     merged.metrics.update(scores)
     merged.headline = [*scores, *merged.headline]
     return merged
+
+
+def log_results(tracker: Tracker, result: TaskResult, step: int) -> None:
+    """The child run's metrics at the checkpoint's step, its artifacts and notes."""
+    tracker.log_metrics(result.metrics, step=step)
+    for name, data in sorted(result.artifacts.items()):
+        folder, _, file = name.rpartition("/")
+        tracker.log_bytes(data, file, folder or None)
+    if result.notes:
+        tracker.log_bytes("\n".join(result.notes).encode(), "notes.txt")
 
 
 def evaluate_claimed(session: Session, store: ClaimStore, claim: Claim, suite: str) -> EvalResult:
@@ -105,12 +111,7 @@ def evaluate_claimed(session: Session, store: ClaimStore, claim: Claim, suite: s
     try:
         tracker.log_params(public_dict(settings), prefix="eval.")
         result = run_tasks(loaded, settings, samples, session.recognisers())
-        tracker.log_metrics(result.metrics, step=loaded.step)
-        for name, data in sorted(result.artifacts.items()):
-            folder, _, file = name.rpartition("/")
-            tracker.log_bytes(data, file, folder or None)
-        if result.notes:
-            tracker.log_bytes("\n".join(result.notes).encode(), "notes.txt")
+        log_results(tracker, result, loaded.step)
     except BaseException as error:
         tracker.set_tags({"eval.status": "FAILED", "error": first_line(error)[:5000]})
         client.set_terminated(child_id, "FAILED")
@@ -128,7 +129,8 @@ def evaluate_claimed(session: Session, store: ClaimStore, claim: Claim, suite: s
         "headline": headline,
         "seconds": seconds,
     }
-    if not store.finish(claim.run_id, claim.step, record, claim):
+    published = store.publish(claim, record)
+    if published is None:
         log.warning(
             "run %s %s: attempt %d finished after another attempt published; discarded",
             claim.run_id,
@@ -139,9 +141,5 @@ def evaluate_claimed(session: Session, store: ClaimStore, claim: Claim, suite: s
         client.set_terminated(child_id, "KILLED")
         outcome.published = False
         return outcome
-    Tracker(client, claim.run_id).log_metrics(
-        {mirrored_name(m, suite): result.metrics[m] for m in headline}, step=loaded.step
-    )
-    tracker.set_tags({"eval.status": "FINISHED"})
-    client.set_terminated(child_id, "FINISHED")
+    publication.complete(client, store, published)
     return outcome

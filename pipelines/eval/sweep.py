@@ -6,7 +6,10 @@ done record (left by a sweep or by ``omni eval``), and evaluate the rest in step
 each through :func:`~pipelines.eval.exactly_once.evaluate_exactly_once`, so concurrent or
 repeated sweeps evaluate every checkpoint exactly once. A run that cannot be evaluated
 (not a training run, no checkpoint yet, another vocabulary) is skipped with a note; the
-sweep goes on. The report is written by :mod:`pipelines.eval.sweep_report`.
+sweep goes on. First, what dead sweeps left behind is settled: child runs still
+``RUNNING`` whose attempt's lease lapsed are ended (or completed, if their result was
+published; :mod:`pipelines.eval.stale_children`). The report is written by
+:mod:`pipelines.eval.sweep_report`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from evaluation.checkpoint import EvalInputError, run_dir
 from evaluation.report import SUMMARY, markdown_table
 from pipelines.eval.exactly_once import check_evaluable, evaluate_exactly_once
 from pipelines.eval.session import Session, suite_config
+from pipelines.eval.stale_children import end_stale_children
 from pipelines.eval.sweep_report import write_report
 from training.checkpointing import complete_steps
 
@@ -47,6 +51,7 @@ class SweepReport:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     already_done: int = 0  # checkpoints in scope with a done record before this sweep
+    repaired: int = 0  # results a dead sweep published, completed by this one
 
 
 @dataclass
@@ -55,6 +60,7 @@ class _Candidate:
     run_name: str
     start_time: int
     steps: list[int]
+    experiment_id: str
 
 
 def _runs(session: Session, experiment: str | None, run_ids: list[str] | None,
@@ -103,9 +109,8 @@ def _train_runs(
             notes.append(f"run {run_id}: no complete checkpoint yet, skipped")
             skipped += 1
             continue
-        found.append(
-            _Candidate(run_id, run.info.run_name or run_id, int(run.info.start_time or 0), steps)
-        )
+        name, start = run.info.run_name or run_id, int(run.info.start_time or 0)
+        found.append(_Candidate(run_id, name, start, steps, run.info.experiment_id))
     return found, skipped
 
 
@@ -123,6 +128,15 @@ def sweep(
     store = session.claims(suite_name)
     notes: list[str] = []
     candidates, skipped = _train_runs(session, experiment, run_ids, notes)
+    settled = end_stale_children(
+        session.client,
+        store,
+        suite_name,
+        {c.experiment_id for c in candidates},
+        {c.run_id for c in candidates},
+    )
+    notes += settled.notes
+    repaired = len(settled.completed)
     pending, already_done = [], 0
     for candidate in candidates:
         done = store.done_steps(candidate.run_id)
@@ -146,6 +160,7 @@ def sweep(
             continue
         outcome = evaluate_exactly_once(session, store, candidate.run_id, step, suite_name)
         evaluated += outcome.status == "finished"
+        repaired += outcome.status == "repaired"
         failed += outcome.status == "failed"
         if outcome.note:
             notes.append(outcome.note)
@@ -166,6 +181,7 @@ def sweep(
         plot_path=None,
         notes=notes,
         already_done=already_done,
+        repaired=repaired,
     )
     report.plot_path, report.report_run_id = write_report(
         session, report.experiment, suite_name, report.rows, _counts(report)
@@ -180,10 +196,11 @@ def _any_has(rows: list[dict[str, Any]], metric: str) -> bool:
 
 def _counts(report: SweepReport) -> dict[str, int] | None:
     """The sweep's counts for its report run; None when it changed nothing."""
-    if not (report.evaluated or report.failed):
+    if not (report.evaluated or report.failed or report.repaired):
         return None
     return {
         "sweep/evaluated": report.evaluated,
         "sweep/failed": report.failed,
         "sweep/skipped": report.skipped,
+        "sweep/repaired": report.repaired,
     }

@@ -82,7 +82,7 @@ def test_transient_errors_are_retried_with_backoff(tmp_path: Path) -> None:
             raise ConnectionError("reset by peer")
         return "ok"
 
-    assert storage._retry("s3://b/k", flaky) == "ok"
+    assert storage.retry("s3://b/k", flaky) == "ok"
     assert len(calls) == 3
     assert calls[2] - calls[1] >= calls[1] - calls[0]  # the delay grows
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from typer.testing import CliRunner
 
 from evaluation.claims import ClaimStore
 from evaluation.report import plot_sweep
+from infra.config import validate
 from infra.services import MlflowServer
 from pipelines import eval_stage
 from pipelines import train as train_stage
@@ -29,6 +31,7 @@ from pipelines.cli import app
 from pipelines.config import PipelineConfig
 from pipelines.eval.child_run import evaluate_claimed
 from tests.conftest import REPO
+from tests.pipelines.eval_crash_hook import POINTS
 from tests.pipelines.train_setup import config_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -40,6 +43,7 @@ EVAL = {
         "default": QUICK,
         "concurrent": {**QUICK, "tasks": ["retrieval", "generation"]},
         "flaky": {**QUICK, "samples": 2, "tasks": ["speed"]},
+        **{f"crash-{point}": {**QUICK, "samples": 2, "tasks": ["speed"]} for point in POINTS},
     },
     "sweep": {"max_attempts": 2, "lease_s": 60},
 }
@@ -168,6 +172,58 @@ def test_omni_eval_and_sweeps_evaluate_each_checkpoint_once_between_them(
                                      ("4", "SUPERSEDED", "KILLED")]  # fmt: skip
     history = trained.client.get_metric_history(run_id, "eval/flaky/speed/tokens_per_s")
     assert sorted(m.step for m in history) == [2, 4]
+
+
+@pytest.mark.parametrize("point", list(POINTS))
+def test_a_sweep_killed_at_any_point_leaves_one_finished_child_and_one_mirrored_value(
+    trained: Trained, tmp_path: Path, point: str
+) -> None:
+    """SIGKILL the evaluating process after each step of evaluating and publishing a
+    checkpoint; once its lease lapsed, the next sweep leaves one FINISHED child run per
+    checkpoint, one mirrored point per headline metric and step, and a done record naming
+    that child; the dead attempt's child is completed if its result was published, else
+    ended KILLED with the reason. A third sweep finds nothing to do."""
+    suite, run_id = f"crash-{point}", trained.run_ids[0]
+    data = json.loads(trained.config.model_dump_json())
+    data["eval"]["sweep"]["lease_s"] = 2.0
+    config, path = validate(PipelineConfig, data), tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    command = [sys.executable, "-m", "tests.pipelines.eval_crash_hook", point, str(path), run_id,
+               suite]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    died = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert died.returncode == -signal.SIGKILL, died.stdout[-2000:] + died.stderr[-3000:]
+    session = eval_stage.Session(config)
+    store = session.claims(suite)
+    assert store.done(run_id, 2) is None  # the kill came before the done record
+    time.sleep(2.5)  # the dead sweep's lease lapses
+
+    report = eval_stage.sweep(config, run_ids=[run_id], suite=suite)
+    assert report.failed == 0 and report.repaired == (point != "evaluated"), report.notes
+    runs = children(trained, suite)
+    ended = [r for r in runs if r.info.status == r.data.tags["eval.status"] == "FINISHED"]
+    finished = {int(r.data.tags["eval.checkpoint_step"]): r for r in ended}
+    assert sorted(finished) == [2, 4] and len(ended) == 2
+    assert all("eval.killed_reason" not in r.data.tags for r in finished.values())
+    others = [r for r in runs if r.info.run_id not in {f.info.run_id for f in finished.values()}]
+    if point == "evaluated":  # the dead attempt's child: ended, with why
+        [dead] = others
+        assert (dead.info.status, dead.data.tags["eval.status"]) == ("KILLED", "KILLED")
+        assert dead.data.tags["eval.attempt"] == "1"
+        assert "stopped renewing its lease" in dead.data.tags["eval.killed_reason"]
+    else:
+        assert others == []
+    done = store.done_steps(run_id)
+    assert {step: record["child_run_id"] for step, record in done.items()} == {
+        step: run.info.run_id for step, run in finished.items()
+    }
+    for metric in done[2]["headline"]:
+        history = trained.client.get_metric_history(run_id, f"eval/{suite}/{metric}")
+        assert sorted(m.step for m in history) == [2, 4], metric
+
+    again = eval_stage.sweep(config, run_ids=[run_id], suite=suite)
+    assert (again.evaluated, again.repaired, again.already_done) == (0, 0, 2)
+    assert len(children(trained, suite)) == len(runs)
 
 
 def test_omni_generate_from_the_command_line(trained: Trained, tmp_path: Path) -> None:

@@ -325,7 +325,9 @@ def test_an_s3_workspace_end_to_end(
     listed = client.list_objects_v2(Bucket="pretokenize-s3", Prefix="ws/tokens/")["Contents"]
     keys = {item["Key"] for item in listed}
     assert {"ws/tokens/_SUCCESS.json", "ws/tokens/manifest.parquet", "ws/tokens/stats.json"} <= keys
-    assert not any("/_done/" in key for key in keys)
+    assert not any(
+        f"/{leftover}/" in key for key in keys for leftover in ("_done", "_staged", "_packed")
+    )
     tars = sorted(f"s3://pretokenize-s3/{k}" for k in keys if k.startswith("ws/tokens/text2audio/"))
     options = {"client_kwargs": {"endpoint_url": s3_env}}
     samples = list(read_token_samples(tars, storage_options=options))

@@ -170,6 +170,43 @@ def test_submit_a_stage_attach_to_it_and_see_a_failure(
     assert code == 2 and "shard.target_tokens" in output, output
 
 
+def test_resubmitting_a_running_workflow_after_a_stage_finished_finds_its_one_job(
+    ray_head: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``omni submit run``, then the same command from another folder once ``shard`` has
+    finished: it attaches to the running job, and the cluster has one job for the work."""
+    from ray.job_submission import JobSubmissionClient
+
+    first_folder, second_folder = tmp_path / "a", tmp_path / "b"
+    first_folder.mkdir()
+    second_folder.mkdir()
+    config = write_config(tmp_path, SAMPLE_CORPUS / "docs.jsonl", tokenizers=SLOW_TOKENIZERS)
+    monkeypatch.chdir(first_folder)
+    code, output = submit("run", "-c", str(config), "--address", ray_head)
+    assert code == 0, output
+    [job] = [w for w in output.split() if w.startswith("omni-run-")][:1]
+    client = JobSubmissionClient(ray_head)
+    try:
+        marker, deadline = tmp_path / "ws" / "shards" / "_SUCCESS.json", time.monotonic() + 240
+        while not marker.exists():
+            assert time.monotonic() < deadline and str(client.get_job_status(job)) in (
+                "PENDING", "RUNNING"), client.get_job_logs(job)[-3000:]  # fmt: skip
+            time.sleep(1)
+        monkeypatch.chdir(second_folder)
+        code, output = submit("run", "-c", str(config), "--address", ray_head)
+        assert code == 0 and f"attached to {job} (RUNNING)" in output, output
+        runs = [j.submission_id for j in client.list_jobs()
+                if (j.submission_id or "").startswith("omni-run-")]  # fmt: skip
+        assert runs == [job]
+    finally:
+        client.stop_job(job)
+        wait_for_status(client, job, "STOPPED")
+
+
+# The tokenizer warm-up of the workflow above: long enough to still run when it is resubmitted.
+SLOW_TOKENIZERS = {"warmup": {"image_steps": 100000, "audio_steps": 0, "image_batch": 2}}
+
+
 # The stage's job, as long as the test needs it (bounded: it ends by itself after 120 s).
 SLOW_JOB = "python -c \"import time; print('slow job started', flush=True); time.sleep(120)\""
 
@@ -188,10 +225,9 @@ def test_ctrl_c_detaches_from_a_job_and_stop_ends_it(
 ) -> None:
     from ray.job_submission import JobSubmissionClient
 
-    monkeypatch.chdir(tmp_path)  # the submission id depends on the submitting directory
     config = write_config(tmp_path, tmp_path / "docs.jsonl")
     pipeline = load_pipeline_config(config)
-    job = jobs.submission_base(pipeline, "shard", jobs.stage_fingerprint(pipeline, "shard"))
+    job = jobs.submission_base(pipeline, "shard", jobs.input_fingerprint(pipeline))
     client = JobSubmissionClient(ray_head)
     # The shard stage's job, already running: `omni submit shard --wait` attaches to it.
     client.submit_job(entrypoint=SLOW_JOB, submission_id=job)

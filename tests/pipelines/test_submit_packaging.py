@@ -30,6 +30,13 @@ def test_runtime_env_ships_the_source_tree_and_pinned_requirements(tmp_path: Pat
     packages = env["pip"]["packages"]
     assert "torch==2.13.0" in packages  # the local +cpu label is dropped
     assert not any(p.lower().startswith("ray") for p in packages)  # the cluster's Ray stays
+    # the lock, transitive requirements included: the cluster resolves nothing itself
+    lock = jobs.read_lock()
+    pins = dict(p.split("==") for p in packages)
+    for transitive in ("aiobotocore", "fsspec", "huggingface-hub", "sqlalchemy"):
+        assert pins[transitive] == lock[transitive], transitive
+    assert all(pins[name] == lock[name] for name in pins if name in lock)
+    assert not {"pytest", "moto", "ruff"} & set(pins)  # dev tools stay home
     shipped = json.loads(env["env_vars"][jobs.CONFIG_ENV])
     assert shipped["workspace"] == str(tmp_path / "ws")
     assert env["env_vars"]["OMNI_SUBMISSION_ID"] == "omni-train-x"
@@ -44,6 +51,30 @@ def test_runtime_env_without_pip_or_with_an_image(tmp_path: Path) -> None:
     image = config(tmp_path, submit={"runtime_env": {"image_uri": "reg/omni:1"}})
     env = jobs.runtime_env(image, "shard", "s")
     assert env["image_uri"] == "reg/omni:1" and "pip" not in env
+
+
+def test_the_submission_id_ignores_progress_and_the_submitting_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same work keeps its id while stages finish and from any folder; other data,
+    another config or a relative workspace in another folder is other work."""
+    (tmp_path / "docs.jsonl").write_text('{"id": "a", "segments": []}\n')
+    work = config(tmp_path)
+    first = jobs.submission_base(work, "run", jobs.input_fingerprint(work))
+    (tmp_path / "ws" / "shards").mkdir(parents=True)  # shard finished meanwhile
+    (tmp_path / "ws" / "shards" / "_SUCCESS.json").write_text('{"fingerprint": "f"}')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert jobs.submission_base(work, "run", jobs.input_fingerprint(work)) == first
+    packaged = config(tmp_path, submit={"runtime_env": {"pip": None}}, workflow={"retries": 5})
+    assert jobs.submission_base(packaged, "run", jobs.input_fingerprint(packaged)) == first
+    (tmp_path / "docs.jsonl").write_text('{"id": "b", "segments": []}\n{"id": "c"}\n')
+    assert jobs.submission_base(work, "run", jobs.input_fingerprint(work)) != first
+    relative = validate(PipelineConfig, {**work.model_dump(mode="json"), "workspace": "ws"})
+    here = jobs.submission_base(relative, "run", "x")
+    monkeypatch.chdir(tmp_path)
+    assert jobs.submission_base(relative, "run", "x") != here
 
 
 def test_the_submission_id_follows_the_work(tmp_path: Path) -> None:

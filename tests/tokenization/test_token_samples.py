@@ -20,6 +20,7 @@ from tokenization.sequences import SequenceConfig, TokenizedSegment, build_seque
 from tokenization.token_samples import (
     TAR_MODE,
     encode_sample,
+    read_tar,
     read_token_samples,
     sample_key,
     split_of,
@@ -110,6 +111,16 @@ def test_round_trip_through_project_reader(tmp_path: Path) -> None:
         ],
     }  # fmt: skip
     assert image2text.modality.tolist() == [1, 1, 2, 2, 1, 0, 0, 1]
+
+
+def test_read_tar_is_the_inverse_of_write_tar() -> None:
+    """What packing copies from a staged tar is what was staged: the same samples, and
+    written again, the same bytes."""
+    encoded = samples()
+    data = write_tar(encoded)
+    read = read_tar(data)
+    assert read == sorted(encoded, key=lambda s: s["__key__"])
+    assert write_tar(read) == data
 
 
 def test_several_shards_are_read_in_file_order(tmp_path: Path) -> None:

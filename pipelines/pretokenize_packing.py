@@ -1,0 +1,90 @@
+"""Token tars of a useful size: each bucket's samples packed across input shards.
+
+``omni pretokenize`` works in two phases. First its actors tokenize input shards and
+stage, per shard and bucket, one tar ``tokens/_staged/<bucket>/<shard>.tar``, the shard's
+marker written last (``pipelines.pretokenize_worker``). A shard holds a few hundred
+documents and a rare bucket a handful of their samples: published as they are, those
+would make hundreds of thousands of tiny objects on S3 at scale (listing, per-object
+latency, a shard shuffle that shuffles little). So, once every shard is done, each
+bucket's samples are packed: a plan (:func:`packing_plan`) cuts them, in (shard, key)
+order, into runs of ``pretokenize.samples_per_tar``, and one Ray task per output tar
+(:func:`pack_tar`) copies its run into ``tokens/<bucket>/NNNNNN.tar``, then writes the
+tar's marker.
+
+Exactly once, resumable: the plan is a function of the shards' markers alone, so every
+sample has one place and a rerun after a kill plans the same tars; a tar is published
+atomically under its name before its marker, and a tar with a marker is not packed
+again. Resume is by input shard in the first phase and by output tar in the second.
+The staging costs one more write and read of the token data, which is small next to
+the media it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from typing import Any
+
+from infra.storage import join
+from pipelines.pretokenize_worker import WorkerSettings
+from tokenization.token_samples import read_tar, write_tar
+
+PACKED = "_packed"
+
+
+def packing_plan(staged: list[dict[str, Any]], samples_per_tar: int) -> list[dict[str, Any]]:
+    """The output tars of every bucket from the staged tars ``[{"bucket", "path",
+    "samples"}]``: per bucket, its samples in (staged path, key) order cut into runs of
+    ``samples_per_tar`` (the last one shorter). Each row names the output ``path``
+    (``<bucket>/NNNNNN.tar``) and the ``slices`` ``[staged path, start, stop]`` it
+    copies, in order."""
+    by_bucket: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for entry in staged:
+        if entry["samples"]:
+            by_bucket[entry["bucket"]].append(entry)
+    rows = []
+    for bucket, entries in sorted(by_bucket.items()):
+        runs: list[list[list[Any]]] = [[]]
+        filled = 0
+        for entry in sorted(entries, key=lambda e: e["path"]):
+            start = 0
+            while start < entry["samples"]:
+                if filled == samples_per_tar:
+                    runs.append([])
+                    filled = 0
+                take = min(samples_per_tar - filled, entry["samples"] - start)
+                runs[-1].append([entry["path"], start, start + take])
+                start, filled = start + take, filled + take
+        for index, slices in enumerate(runs):
+            path = f"{bucket}/{index:06d}.tar"
+            rows.append({"name": path, "bucket": bucket, "path": path, "slices": slices})
+    return rows
+
+
+def pack_marker(tokens_dir: str, path: str) -> str:
+    return join(tokens_dir, PACKED, path.replace(".tar", ".json"))
+
+
+def pack_tar(row: dict[str, Any], settings: WorkerSettings) -> dict[str, Any]:
+    """Write one output tar of the plan (idempotent through its marker); its manifest
+    row: bucket, path, samples, tokens, bytes, sha256."""
+    storage, tokens_dir = settings.storage, settings.tokens_dir
+    marker = pack_marker(tokens_dir, row["path"])
+    if storage.exists(marker):
+        return json.loads(storage.read_bytes(marker))
+    samples = []
+    for path, start, stop in row["slices"]:
+        samples += read_tar(storage.read_bytes(join(tokens_dir, path)))[start:stop]
+    data = write_tar(samples)
+    storage.write_bytes(join(tokens_dir, row["path"]), data)
+    entry = {
+        "bucket": row["bucket"],
+        "path": row["path"],
+        "samples": len(samples),
+        "tokens": sum(int(json.loads(s["meta.json"])["length"]) for s in samples),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    storage.write_bytes(marker, json.dumps(entry).encode())
+    return entry
