@@ -8,7 +8,10 @@ directions. Recall@1/5/10 and the median rank, each with its chance level.
 
 An eval split may hold the same medium twice (one image, two captions) or the same
 caption twice: every pair that shares the query's medium or its caption is a correct
-answer (``pair_positives``), so a duplicate is not scored as a miss.
+answer (``pair_positives``), so a duplicate is not scored as a miss. Where samples carry a
+class (``meta.json`` ``label``, e.g. the digit), every pair of the query's class is a
+correct answer too: an image of a seven retrieves any caption of a seven, which is
+retrieval among the class captions, with chance at about 1 / classes.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import Tensor
 
 from evaluation.anytoany import pad_rows
 from evaluation.metrics import retrieval_metrics
+from evaluation.recognisers import label_of
 from evaluation.tasks.base import TaskContext, TaskResult, batches, split_sample
 
 PAIRS = {"image": "image2text", "audio": "audio2text", "video": "video2text"}
@@ -50,6 +54,14 @@ def pair_positives(media: list[Tensor], texts: list[Tensor]) -> Tensor:
     return same_rows(media) | same_rows(texts)
 
 
+def label_positives(samples: list) -> Tensor:
+    """Bool[N, N]: whether samples i and j carry the same class label (no label: never)."""
+    labels = [label_of(sample) for sample in samples]
+    return torch.tensor(
+        [[a is not None and a == b for b in labels] for a in labels], dtype=torch.bool
+    )
+
+
 def run(context: TaskContext) -> TaskResult:
     """Both directions for every medium with at least two eval pairs."""
     layout = context.loaded.model.layout
@@ -66,7 +78,7 @@ def run(context: TaskContext) -> TaskResult:
             media.append(torch.cat([instruction, eos]))  # <BOS> <BO*> ids <EO*> <EOS>
             texts.append(torch.cat([bos, response]))  # <BOS> text <EOS>
         similarity = embed(context, texts) @ embed(context, media).T  # (text, medium)
-        positives = pair_positives(media, texts)
+        positives = pair_positives(media, texts) | label_positives(samples)
         for name, matrix in ((f"text2{medium}", similarity), (f"{medium}2text", similarity.T)):
             for key, value in retrieval_metrics(matrix, positives).items():
                 result.metrics[f"retrieval/{name}/{key}"] = value

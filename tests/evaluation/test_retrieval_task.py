@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -79,3 +80,33 @@ def test_pair_positives_join_shared_media_and_shared_captions() -> None:
     assert positives.equal(positives.T)
     assert positives.sum(1).tolist() == [2, 2, 2, 2, 1]
     assert positives[0, 1] and positives[2, 3] and not positives[1, 2]
+
+
+def pair(medium: list[int], caption: list[int], label: str) -> TokenSample:
+    instruction = [1, 200, *medium, 201]
+    tokens = torch.tensor(instruction + caption + [2])
+    meta = {"instruction_length": len(instruction), "split": "eval", "label": label}
+    return TokenSample("k", tokens, torch.zeros_like(tokens, dtype=torch.uint8), meta)
+
+
+def test_samples_of_one_class_answer_each_other() -> None:
+    """Image A (concept 0) is paired with a caption of concept 3 and image D (concept 3)
+    with one of concept 0, both of class 7: each image's best caption is the other pair's,
+    a hit once a class's captions all answer its images, a miss by pairs alone."""
+    samples = [pair([100, 101], [16, 17], "7"), pair([106, 107], [10, 11], "7"),
+               pair([102, 103], [14, 15], "1")]  # fmt: skip
+    positives = retrieval.label_positives(samples)
+    assert positives.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    context = TaskContext(
+        loaded=SimpleNamespace(model=ConceptModel()),
+        suite=SuiteConfig(batch_size=2),
+        samples={"image2text": samples},
+        dgs_block=1,
+    )
+    metrics = retrieval.run(context).metrics
+    assert metrics["retrieval/image2text/r1"] == 1.0
+    assert metrics["retrieval/image2text/chance_r1"] == pytest.approx((2 / 3 + 2 / 3 + 1 / 3) / 3)
+    for s in samples:
+        del s.meta["label"]
+    assert not retrieval.label_positives(samples).any()
+    assert retrieval.run(context).metrics["retrieval/image2text/r1"] == pytest.approx(1 / 3)
