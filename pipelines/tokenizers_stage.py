@@ -256,6 +256,7 @@ def run(config: PipelineConfig) -> TokenizersReport:
             image_deadline,
             tracker.log_metrics,
             warmup.log_every,
+            warmup.max_initialise_media,
         )
         report.steps["image"] = train_images(image, image_trainer, data.train_images, text, budget)
         audio_deadline = time.monotonic() + seconds * warmup.audio_steps / total_steps
@@ -266,6 +267,7 @@ def run(config: PipelineConfig) -> TokenizersReport:
             audio_deadline,
             tracker.log_metrics,
             warmup.log_every,
+            warmup.max_initialise_media,
         )
         report.steps["audio"] = train_audio(audio, audio_trainer, data.train_audio, text, budget)
         report.after = {

@@ -24,6 +24,12 @@ class WarmupConfig(Section):
     eval_fraction: float = Field(
         0.2, ge=0, lt=1, description="media held out (by content hash) to measure quality"
     )
+    max_initialise_media: int = Field(
+        1024,
+        gt=0,
+        description="distinct images and clips (each) the data-driven start is fitted on "
+        "(PCA, k-means, least squares: the cost grows with them, the fit barely)",
+    )
     max_eval_media: int = Field(
         256, gt=0, description="held-out images and clips (each) the quality is measured on"
     )

@@ -72,12 +72,19 @@ def _batches(count: int, size: int, steps: int, seed: int) -> list[list[int]]:
     return batches
 
 
-def distinct(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors without repeats (a clip used by several documents counts once)."""
+def distinct(
+    tensors: Sequence[torch.Tensor], limit: int | None = None, seed: int = 0
+) -> list[torch.Tensor]:
+    """The tensors without repeats (a clip used by several documents counts once); beyond
+    ``limit`` a seeded random subset of them, in their order."""
     seen: dict[bytes, torch.Tensor] = {}
     for tensor in tensors:
         seen.setdefault(tensor.cpu().numpy().tobytes(), tensor)
-    return list(seen.values())
+    unique = list(seen.values())
+    if limit is None or len(unique) <= limit:
+        return unique
+    keep = torch.randperm(len(unique), generator=torch.Generator().manual_seed(seed))[:limit]
+    return [unique[i] for i in sorted(keep.tolist())]
 
 
 def _caption_ids(text: TextTokenizer, captions: Sequence[str | None]) -> list[list[int]] | None:
@@ -142,6 +149,7 @@ class LoopBudget:
     deadline: float  # time.monotonic() value after which no new step starts
     log: MetricsLogger
     log_every: int
+    initialise_limit: int | None = None  # distinct media the data-driven start is fitted on
 
 
 def _run_loop(name: str, count: int, budget: LoopBudget, step: StepFunction) -> int:
@@ -181,7 +189,8 @@ def train_images(
     trainer = ImageTokenizerTrainer(tokenizer, config)
     device = next(tokenizer.parameters()).device
     if samples and budget.steps:
-        tokenizer.initialise(torch.stack(distinct([s.pixels for s in samples])), seed=budget.seed)
+        start = distinct([s.pixels for s in samples], budget.initialise_limit, budget.seed)
+        tokenizer.initialise(torch.stack(start), seed=budget.seed)
 
     def step(indices: list[int], progress: float) -> dict[str, float]:
         chosen = [samples[i] for i in indices]
@@ -209,7 +218,8 @@ def train_audio(
     trainer = AudioTokenizerTrainer(tokenizer, config)
     device = next(tokenizer.parameters()).device
     if samples and budget.steps:
-        tokenizer.initialise(distinct([s.mel for s in samples]), seed=budget.seed)
+        start = distinct([s.mel for s in samples], budget.initialise_limit, budget.seed)
+        tokenizer.initialise(start, seed=budget.seed)
 
     def step(indices: list[int], progress: float) -> dict[str, float]:
         chosen = [samples[i] for i in indices]

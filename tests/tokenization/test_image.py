@@ -26,7 +26,7 @@ from tokenization.image_trainer import (
     random_crops,
 )
 from tokenization.quantizer import QuantizerConfig
-from tokenization.warmup import ImageSample, LoopBudget, train_images
+from tokenization.warmup import ImageSample, LoopBudget, distinct, train_images
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "examples" / "corpus" / "media" / "images"
@@ -392,3 +392,13 @@ def test_a_pickled_clip_checkpoint_is_refused(tmp_path: Path) -> None:
     config = tiny_config(resolution=32, channels=[8, 16, 32], clip_init_dir=str(clip_dir))
     with pytest.raises(OSError, match="safetensors"):
         ImageTokenizer.from_config(config)
+
+
+def test_the_data_driven_start_takes_each_medium_once_and_at_most_the_limit() -> None:
+    a, b, c = torch.zeros(2), torch.ones(2), torch.full((2,), 2.0)
+    assert [t.tolist() for t in distinct([a, b, a, c, b])] == [[0, 0], [1, 1], [2, 2]]
+    many = [torch.full((2,), float(i)) for i in range(50)] * 2
+    chosen = distinct(many, limit=8, seed=3)
+    values = [float(t[0]) for t in chosen]
+    assert len(values) == 8 == len(set(values)) and values == sorted(values)
+    assert [float(t[0]) for t in distinct(many, limit=8, seed=3)] == values  # seeded
