@@ -17,10 +17,10 @@ from infra.ray_runtime import RayConfig
 from infra.storage import StorageConfig
 from infra.tracking import MlflowConfig
 from pipelines.corpus import CorpusConfig
-from pipelines.job_submission import SubmitConfig
-from pipelines.pretokenize import PretokenizeConfig
-from pipelines.shard import ShardConfig
-from pipelines.workflow import WorkflowConfig
+from pipelines.pretokenize.stage import PretokenizeConfig
+from pipelines.shard.stage import ShardConfig
+from pipelines.workflow.run import WorkflowConfig
+from pipelines.workflow.submit import SubmitConfig
 from tokenization.config import TokenizersConfig
 from training.train_config import ModelSection, TrainConfig
 

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import pretokenize, shard, tokenizers_stage
+from pipelines.pretokenize import stage as pretokenize
+from pipelines.shard import stage as shard
+from pipelines.tokenizers import stage as tokenizers_stage
 from tests.pipelines.train_setup import config_for
 
 

@@ -23,10 +23,10 @@ from typer.testing import CliRunner
 from evaluation.claims import ClaimStore
 from evaluation.report import plot_sweep
 from infra.services import MlflowServer
-from pipelines import eval_stage
 from pipelines import train as train_stage
 from pipelines.cli import app
 from pipelines.config import PipelineConfig
+from pipelines.eval import stage as eval_stage
 from pipelines.eval.child_run import evaluate_claimed
 from tests.conftest import REPO
 from tests.pipelines.train_setup import config_for

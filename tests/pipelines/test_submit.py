@@ -28,11 +28,11 @@ from typer.testing import CliRunner
 
 from infra.services import LocalService, free_port
 from infra.storage import Storage
-from pipelines import job_submission as jobs
-from pipelines import workflow
 from pipelines.cli import app
 from pipelines.config import load_pipeline_config
-from pipelines.stage_dag import pipeline_stages
+from pipelines.workflow import run as workflow
+from pipelines.workflow import submit as jobs
+from pipelines.workflow.dag import pipeline_stages
 from tests.builders import read_docs, write_jsonl
 from tests.conftest import REPO, SAMPLE_CORPUS
 

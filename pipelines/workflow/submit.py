@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from pipelines.config import PipelineConfig
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 CONFIG_ENV = "OMNI_CONFIG"  # the resolved config, JSON
 CWD_ENV = "OMNI_SUBMIT_CWD"  # the submitting directory
 DISTRIBUTION = "omni-dfm"
@@ -170,8 +170,8 @@ def submission_base(config: PipelineConfig, stage: str, stage_fingerprint: str |
 def stage_fingerprint(config: PipelineConfig, stage: str, start: str | None = None) -> str | None:
     """The fingerprint the stage (or ``run`` from ``start``) would write now, when it can be
     read from here."""
-    from pipelines import workflow
-    from pipelines.stage_dag import pipeline_stages
+    from pipelines.workflow import run as workflow
+    from pipelines.workflow.dag import pipeline_stages
 
     stages = pipeline_stages()
     only = None if stage == "run" else stage
@@ -215,7 +215,7 @@ def submit(
         latest = jobs[-1]
         return Submission(latest.submission_id, True, str(latest.status))
     submission_id = f"{base}-r{len(jobs)}" if jobs else base
-    entrypoint = f"python -m pipelines.job_submission {stage}"
+    entrypoint = f"python -m pipelines.workflow.submit {stage}"
     if start:
         entrypoint += f" --from {start}"
     client.submit_job(
@@ -266,7 +266,7 @@ def failure_reason(client: JobSubmissionClient, submission_id: str) -> str:
 def job_main(argv: list[str]) -> int:
     """The job's entrypoint: ``STAGE`` or ``run [--from STAGE]``, with the shipped config."""
     from pipelines.config import PipelineConfig
-    from pipelines.workflow_cli import execute
+    from pipelines.workflow.cli import execute
 
     stage, *rest = argv
     start = rest[1] if rest[:1] == ["--from"] and len(rest) == 2 else None

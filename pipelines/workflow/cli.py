@@ -1,8 +1,8 @@
 """The ``omni run``, ``omni submit`` and ``omni status`` commands and their summaries.
 
-Thin wrappers, like every ``omni`` command: ``pipelines.workflow`` plans and runs the
-DAG of ``pipelines.stage_dag``, ``pipelines.job_submission`` talks to Ray Jobs and
-``pipelines.status`` reads the workspace; this module parses options, prints, and turns
+Thin wrappers, like every ``omni`` command: ``pipelines.workflow.run`` plans and runs the
+DAG of ``pipelines.workflow.dag``, ``pipelines.workflow.submit`` talks to Ray Jobs and
+``pipelines.workflow.status`` reads the workspace; this module parses options, prints, and turns
 outcomes into exit codes (0 done, 1 a stage failed, 2 a config error).
 """
 
@@ -20,8 +20,8 @@ from infra import ray_runtime
 from infra.config import ConfigError, redact_uri
 from infra.storage import Storage, StorageError
 from pipelines.config import load_pipeline_config
-from pipelines.stage_dag import pipeline_stages
-from pipelines.workflow import StagePlan, WorkflowReport, plan, run, select
+from pipelines.workflow.dag import pipeline_stages
+from pipelines.workflow.run import StagePlan, WorkflowReport, plan, run, select
 
 if TYPE_CHECKING:
     from pipelines.config import PipelineConfig
@@ -167,7 +167,7 @@ def run_command(
     Ray Job, shipped and attached to as `omni submit run --wait` does (`--only S`: the job
     of `omni submit S`); its logs stream here, Ctrl-C detaches.
     """
-    from pipelines import job_submission as jobs
+    from pipelines.workflow import submit as jobs
 
     pipeline = _load(config, set_)
     if dry_run:
@@ -238,7 +238,7 @@ def _submit(
     """Submit (or attach to) the job of ``target``; with ``wait``, follow it to its end."""
     from ray.job_submission import JobSubmissionClient
 
-    from pipelines import job_submission as jobs
+    from pipelines.workflow import submit as jobs
 
     client = JobSubmissionClient(address)
     try:
@@ -279,7 +279,7 @@ def status_command(
 ) -> None:
     """The pipeline's stages: done, running, failed or pending, with counts, durations,
     MLflow run id, Ray job id (with `--address`) and the reason of the last failure."""
-    from pipelines.status import stage_statuses
+    from pipelines.workflow.status import stage_statuses
 
     pipeline = _load(config, set_)
     jobs = None

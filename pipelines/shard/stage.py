@@ -42,12 +42,12 @@ from infra.config import Section, fingerprint, redact_uri
 from infra.ray_runtime import connect, disconnect
 from infra.storage import TRANSIENT_ERRORS, Storage, StorageError, join
 from pipelines.corpus import InputFile, absolute, expand_inputs
-from pipelines.document_validation import TokenCosts, accept
-from pipelines.documents import RawDocument, Rejected
-from pipelines.media_checks import MediaLimits
 from pipelines.ray_units import find_crashing, run_units
-from pipelines.readers import READERS, InputWarning, Split, SplitOptions
-from pipelines.shard_plan import ScanContext, plan_shards, scan_file
+from pipelines.shard.documents import RawDocument, Rejected
+from pipelines.shard.media_checks import MediaLimits
+from pipelines.shard.plan import ScanContext, plan_shards, scan_file
+from pipelines.shard.readers import READERS, InputWarning, Split, SplitOptions
+from pipelines.shard.validation import TokenCosts, accept
 from pipelines.stage_state import (
     RUNNING,
     SUCCESS,

@@ -1,7 +1,7 @@
 """``omni pretokenize``: shards -> WebDataset token shards per bucket, exactly once.
 
 A pool of Ray actors, each loading the tokenizers once, takes input shards one at a time
-(``pipelines.pretokenize_worker``). An actor asks for ``pretokenize.num_gpus`` GPUs when
+(``pipelines.pretokenize.worker``). An actor asks for ``pretokenize.num_gpus`` GPUs when
 the cluster has any, CPUs otherwise; it encodes on CUDA when it got a GPU.
 
 An actor pool rather than Ray Data ``map_batches`` with an actor class: the unit
@@ -39,7 +39,7 @@ from infra.config import Section, fingerprint
 from infra.ray_runtime import connect, disconnect
 from infra.storage import Storage, join
 from pipelines.corpus import absolute
-from pipelines.pretokenize_worker import (
+from pipelines.pretokenize.worker import (
     STAGE,
     WorkerSettings,
     marker_uri,

@@ -8,7 +8,7 @@ WebDataset tars ``tokens/<bucket>/<shard>-<chunk>.tar`` and, last, a marker list
 
 A medium that crashes its decoder outright (a native segfault or abort, not a Python
 exception) kills the process instead; the driver then finds the document on its own
-(``pipelines.pretokenize``) and the shard is processed again with it passed in
+(``pipelines.pretokenize.stage``) and the shard is processed again with it passed in
 ``crashed``, so it is quarantined unread and the rest of the shard goes through.
 """
 
