@@ -15,12 +15,12 @@ from infra.config import ConfigError
 from infra.storage import StorageError
 from pipelines.config import load_pipeline_config
 from pipelines.eval.cli import eval_app, generate_command, sweep_command
-from pipelines.pretokenize.stage import PretokenizeConfig
+from pipelines.pretokenize.config import PretokenizeConfig
 from pipelines.ray_units import UnitFailed
-from pipelines.shard.stage import ShardConfig
+from pipelines.shard.config import ShardConfig
+from pipelines.tokenizers.config import WarmupConfig
+from pipelines.train.config import ModelSection, TrainConfig
 from pipelines.workflow.cli import register as register_workflow_commands
-from tokenization.config import WarmupConfig
-from training.train_config import ModelSection, TrainConfig
 
 app = typer.Typer(
     help="Omnimodal discrete-flow-matching pipeline: shard -> pretokenize -> train -> evaluate.",

@@ -31,11 +31,10 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import ray
 import torch
-from pydantic import Field
 from ray.exceptions import RayActorError, WorkerCrashedError
 from tqdm import tqdm
 
-from infra.config import Section, fingerprint
+from infra.config import fingerprint
 from infra.ray_runtime import connect, disconnect
 from infra.storage import Storage, join
 from pipelines.corpus import absolute
@@ -59,7 +58,6 @@ from pipelines.stage_state import (
     write_marker,
 )
 from tokenization.bundle import Tokenizers
-from tokenization.sequences import SequenceConfig
 
 if TYPE_CHECKING:
     from pipelines.config import PipelineConfig
@@ -74,20 +72,6 @@ MANIFEST_SCHEMA = pa.schema(
         ("sha256", pa.string()),
     ]
 )
-
-
-class PretokenizeConfig(Section):
-    """The ``pretokenize`` section."""
-
-    actors: int = Field(2, ge=1, description="actors in the pool (each loads the tokenizers)")
-    cpus_per_actor: float = Field(1.0, gt=0, description="Ray CPUs per actor; torch threads")
-    num_gpus: float = Field(1.0, ge=0, description="GPUs per actor when the cluster has GPUs")
-    image_batch: int = Field(32, gt=0, description="images (and video frames) per encode call")
-    audio_batch: int = Field(16, gt=0, description="audio clips per encode call")
-    samples_per_tar: int = Field(2000, gt=0, description="at most this many samples per tar")
-    eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of documents in 'eval'")
-    sequences: SequenceConfig = Field(default_factory=SequenceConfig)
-    max_restarts: int = Field(3, ge=0, description="restarts of an actor whose process died")
 
 
 @dataclass

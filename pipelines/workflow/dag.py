@@ -30,7 +30,7 @@ EVAL_MODULE = "pipelines.eval.stage"
 
 def _shard_fingerprint(config: PipelineConfig, storage: Storage, markers: Markers) -> str | None:
     from pipelines.corpus import expand_inputs
-    from pipelines.shard.stage import expected_fingerprint
+    from pipelines.shard.fingerprints import expected_fingerprint
 
     try:
         return expected_fingerprint(config, expand_inputs(config.corpus, storage))

@@ -20,9 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
-
-from infra.config import ConfigError, Section
+from infra.config import ConfigError
 from infra.storage import TRANSIENT_ERRORS, Storage, join
 from pipelines.corpus import absolute
 from pipelines.stage_state import RUNNING, SUCCESS, read_marker, write_marker
@@ -32,13 +30,6 @@ if TYPE_CHECKING:
 
 STATE_DIR = "workflow"
 SUBMISSION_ENV = "OMNI_SUBMISSION_ID"  # set by ``omni submit`` in the job's environment
-
-
-class WorkflowConfig(Section):
-    """How ``omni run`` retries a failing stage."""
-
-    retries: int = Field(2, ge=0, description="extra attempts of a stage after a transient error")
-    backoff_s: float = Field(5.0, ge=0, description="wait before the first retry; doubles after")
 
 
 Markers = dict[str, dict[str, Any] | None]

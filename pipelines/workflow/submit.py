@@ -25,11 +25,9 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
-
-from infra.config import ConfigError, Section, fingerprint, validate
+from infra.config import ConfigError, fingerprint, validate
 from infra.storage import Storage, StorageError
 from pipelines.corpus import absolute
 
@@ -61,33 +59,6 @@ CORPUS_STAGES = ("shard", "run")  # only these read the raw corpus (examples/cor
 ACTIVE = ("PENDING", "RUNNING", "SUCCEEDED")  # a job with one of these states is attached to
 LOCAL_ADDRESSES = ("auto", "local")  # ray.address values (besides null) that mean "run here"
 DASHBOARD_PORT = 8265  # Ray's default port of the dashboard, which serves the Jobs API
-
-
-class RuntimeEnvSection(Section):
-    """What a submitted job carries besides the project's source."""
-
-    pip: Literal["pinned"] | list[str] | None = Field(
-        "pinned",
-        description="'pinned': the project's requirements at the versions installed here; "
-        "a list of requirements; null: none (the cluster's image has them, needs no network)",
-    )
-    image_uri: str | None = Field(
-        None, description="container image of the job (the requirements in it; pip not sent)"
-    )
-    excludes: list[str] = Field(
-        default_factory=list, description="more paths of the source tree not to upload"
-    )
-    env_vars: dict[str, str] = Field(
-        default_factory=dict, description="environment of the job (never put secrets here)"
-    )
-
-
-class SubmitConfig(Section):
-    """``omni submit``: how a job is packaged and what its driver reserves."""
-
-    runtime_env: RuntimeEnvSection = Field(default_factory=RuntimeEnvSection)
-    entrypoint_num_cpus: float = Field(0, ge=0, description="CPUs reserved for the job driver")
-    entrypoint_num_gpus: float = Field(0, ge=0, description="GPUs reserved for the job driver")
 
 
 # ------------------------------------------------------------------ where and what

@@ -21,7 +21,8 @@ from infra.config import ConfigError, fingerprint
 from infra.storage import Storage, StorageConfig, StorageError
 from pipelines.stage_state import SUCCESS, write_marker
 from pipelines.workflow import run as workflow
-from pipelines.workflow.run import Stage, WorkflowConfig, is_transient
+from pipelines.workflow.config import WorkflowConfig
+from pipelines.workflow.run import Stage, is_transient
 from pipelines.workflow.status import stage_statuses
 
 
