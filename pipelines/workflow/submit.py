@@ -237,7 +237,7 @@ def failure_reason(client: JobSubmissionClient, submission_id: str) -> str:
 def job_main(argv: list[str]) -> int:
     """The job's entrypoint: ``STAGE`` or ``run [--from STAGE]``, with the shipped config."""
     from pipelines.config import PipelineConfig
-    from pipelines.workflow.cli import execute
+    from pipelines.workflow.summary import execute
 
     stage, *rest = argv
     start = rest[1] if rest[:1] == ["--from"] and len(rest) == 2 else None
