@@ -16,7 +16,6 @@ from infra.storage import StorageError
 from pipelines.config import load_pipeline_config
 from pipelines.eval.cli import eval_app, generate_command, sweep_command
 from pipelines.pretokenize.config import PretokenizeConfig
-from pipelines.ray_units import UnitFailed
 from pipelines.shard.config import ShardConfig
 from pipelines.tokenizers.config import WarmupConfig
 from pipelines.train.config import ModelSection, TrainConfig
@@ -101,6 +100,7 @@ def shard(config: ConfigOption, set_: SetOption = None) -> None:
     Exit codes: 0 done (bad documents are quarantined, not fatal), 1 missing input or
     unreachable storage, 2 invalid config.
     """
+    from pipelines.ray_units import UnitFailed
     from pipelines.shard import stage as shard_stage
     from pipelines.summary import render_shard_report
 
