@@ -93,7 +93,9 @@ def parquet_bytes(table: pa.Table, **options: Any) -> bytes:
 
 
 def read_parquet(storage: Storage, uri: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file as a table. ``ParquetFile`` rather than ``pq.read_table``: the
+    latter goes through ``pyarrow.dataset``, whose import loads pandas (a second, here)."""
     import pyarrow.parquet as pq
 
     with storage.open(uri, "rb") as handle:
-        return pq.read_table(handle, columns=columns)
+        return pq.ParquetFile(handle).read(columns=columns)
