@@ -82,3 +82,35 @@ def within_one_block(chosen: Tensor, reference: Tensor, block: int) -> float:
     reference response padded to the block (what DGS should pick): |chosen - ref| <= block."""
     padded = -(-reference // block) * block
     return float(((chosen - padded).abs() <= block).float().mean())
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Share of predictions equal to their reference after lower-casing and collapsing
+    whitespace (BLEU and WER give partial credit; this gives none)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not references:
+        raise ValueError("no references")
+
+    def norm(text: str) -> str:
+        return " ".join(text.lower().split())
+
+    return sum(norm(p) == norm(r) for p, r in zip(predictions, references, strict=True)) / len(
+        references
+    )
+
+
+def label_scores(
+    predicted: list[str | None], labels: list[str], classes: list[str], majority: str
+) -> dict[str, float]:
+    """Recognition accuracy of ``predicted`` classes against ``labels``, with the chance level
+    of a uniform guess over ``classes`` and the trivial baseline of always answering the
+    training majority class (``majority``)."""
+    if len(predicted) != len(labels) or not labels:
+        raise ValueError(f"{len(predicted)} predictions for {len(labels)} labels")
+    n = len(labels)
+    return {
+        "accuracy": sum(p == y for p, y in zip(predicted, labels, strict=True)) / n,
+        "chance": 1.0 / len(classes),
+        "majority": sum(y == majority for y in labels) / n,
+    }

@@ -15,6 +15,7 @@ from infra.config import ConfigError
 from infra.storage import StorageError
 from pipelines.config import load_pipeline_config
 from pipelines.eval.cli import eval_app, generate_command, sweep_command
+from pipelines.examples.cli import examples_app
 from pipelines.pretokenize.config import PretokenizeConfig
 from pipelines.shard.config import ShardConfig
 from pipelines.tokenizers.config import WarmupConfig
@@ -255,6 +256,7 @@ register_workflow_commands(app)
 app.add_typer(eval_app, name="eval")
 app.command("generate")(generate_command)
 app.command("sweep")(sweep_command)
+app.add_typer(examples_app, name="examples")
 
 if __name__ == "__main__":
     sys.exit(app())

@@ -342,6 +342,9 @@ class WarmupConfig(Section):
     eval_fraction: float = Field(
         0.2, ge=0, lt=1, description="media held out (by content hash) to measure quality"
     )
+    max_eval_media: int = Field(
+        256, gt=0, description="held-out images and clips (each) the quality is measured on"
+    )
     max_seconds: float = Field(0, ge=0, description="stop training after this; 0 = no limit")
     log_every: int = Field(10, gt=0, description="steps between logged metrics")
     seed: int = 0

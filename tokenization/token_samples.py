@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -53,6 +53,17 @@ def split_of(document_id: str, eval_fraction: float) -> str:
         raise ValueError(f"eval_fraction must lie in [0, 1], got {eval_fraction}")
     position = int(hashlib.sha1(document_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "eval" if position < eval_fraction else "train"
+
+
+def declared_split(document_id: str, metadata: Mapping[str, Any], eval_fraction: float) -> str:
+    """The split a document declares in its metadata (``"split"``: ``"train"`` or
+    ``"eval"``), else :func:`split_of` its id.
+
+    A corpus whose eval set must follow its own rule (held-out voices, a benchmark's test
+    images) declares it per document; any other value falls back to the hash.
+    """
+    declared = metadata.get("split")
+    return declared if declared in ("train", "eval") else split_of(document_id, eval_fraction)
 
 
 def _check_key(key: str) -> str:

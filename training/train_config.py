@@ -80,6 +80,12 @@ class TrainConfig(Section):
         description="lambda1..3 of L_ce, L_rec^V, L_rec^A (GradNorm's start when gradnorm)",
     )
     log_every: int = Field(1, gt=0, description="optimizer steps per MLflow metrics batch")
+    eval_every: int = Field(
+        100, ge=0, description="held-out loss (val/*) on the eval split every N steps; 0 = off"
+    )
+    eval_samples: int = Field(
+        64, gt=0, description="eval-split samples per bucket in the held-out loss"
+    )
     prefetch: int = Field(4, ge=1, description="micro-batches read ahead per worker")
 
     @field_validator("loss_weights")

@@ -57,6 +57,7 @@ from training.objective import Objective, Prepared, window_scales
 from training.run_control import FencedOff, RunControl
 from training.step_log import StepLog
 from training.train_config import LOSS_TERMS, TrainConfig
+from training.validation import Validation, first_eval_samples
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,7 @@ class Trainer:
             ),
             start,
         )
+        self.validation = self._validation(layout)
         self.writer = CheckpointWriter(
             self.storage,
             plan.run_dir,
@@ -222,6 +224,33 @@ class Trainer:
             if self.zero_stage != cfg.zero_stage:
                 log.info("one rank: ZeRO stage %d partitions nothing, DeepSpeed runs at stage "
                          "%d", cfg.zero_stage, self.zero_stage)  # fmt: skip
+
+    def _validation(self, layout: VocabLayout) -> Validation | None:
+        """The eval split's first samples of every bucket (None when ``eval_every`` is 0)."""
+        cfg = self.cfg
+        if cfg.eval_every == 0:
+            return None
+        options = self._storage_options()
+        samples = {
+            bucket: first_eval_samples(urls, cfg.eval_samples, cfg.max_length, options)
+            for bucket, urls in sorted(self.plan.shards.items())
+        }
+        validation = Validation(
+            samples, self.rank, self.world, cfg.micro_batch_size, layout.special_id("<PAD>"),
+            cfg.dgs_block if self.plan.objective == "dfm" else None, cfg.seed,
+        )  # fmt: skip
+        return validation if validation else None
+
+    def validate(self) -> dict[str, float]:
+        """Held-out loss of the current weights on the eval split (every rank takes part)."""
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        try:
+            sums = self.validation.sums(self.objective, self.engine, self.device)
+        finally:
+            module.train(was_training)
+        return self.validation.metrics(self._all_reduce(sums))
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: no weight decay on biases, norms and 1-d parameters."""
@@ -268,11 +297,16 @@ class Trainer:
                 if result.fenced:
                     raise FencedOff(f"run {self.plan.run_id} is owned by another omni train")
                 self.step += 1
+                last = self.step == self.cfg.max_steps
+                validate = self.validation is not None and (
+                    last or self.step % self.cfg.eval_every == 0
+                )
+                if validate:
+                    result.metrics.update(self.validate())
                 if self.log is not None and (
-                    self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps
+                    validate or last or self.step % self.cfg.log_every == 0
                 ):
                     self.log.log(self.step, result.metrics)
-                last = self.step == self.cfg.max_steps
                 if result.stop or last or self.step % self.cfg.checkpoint_every == 0:
                     self.checkpoint()
                 if result.stop:

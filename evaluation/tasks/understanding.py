@@ -1,5 +1,11 @@
 """Understanding: image and video captioning (BLEU) and ASR (WER) with the run's sampler.
 
+Beside BLEU / WER: exact match (no partial credit), and where the samples carry a class
+(``evaluation/recognisers.py``) the share of generated texts that a text recogniser fitted
+on the training captions reads as the sample's class ("the digit 7" for "a handwritten
+seven"), with the recogniser's score on the references (ceiling), the chance level and the
+always-the-majority-class baseline beside it.
+
 The instruction of each ``X2text`` eval sample (``<BOS> <BO*> ids <EO*>``) is given to
 :func:`evaluation.anytoany.generate_batch`: DGS picks the text canvas, the suite's sampler
 (by default blocks of 32, 4 tokens a step, the active cache) denoises it (greedy KV-cached
@@ -12,8 +18,11 @@ from __future__ import annotations
 import torch
 
 from evaluation.anytoany import generate_batch
-from evaluation.metrics import bleu, wer, within_one_block
-from evaluation.tasks.base import TaskContext, TaskResult, batches, split_sample
+from evaluation.metrics import bleu, exact_match, label_scores, wer, within_one_block
+from evaluation.recognisers import label_of, span_ids
+from evaluation.sample_grid import Example, Media
+from evaluation.tasks.base import EXAMPLES, TaskContext, TaskResult, batches, split_sample
+from tokenization.token_samples import TokenSample
 
 # name -> (bucket, metric); captions score BLEU-4, transcripts WER.
 TARGETS = {
@@ -53,13 +62,60 @@ def run(context: TaskContext) -> TaskResult:
                 chosen += [len(r) + 1 for r in out.responses]
         prefix = f"understanding/{name}"
         result.metrics[f"{prefix}/{metric}"] = SCORES[metric](predictions, references)
+        result.metrics[f"{prefix}/exact_match"] = exact_match(predictions, references)
+        result.headline.append(f"{prefix}/exact_match")
+        _recognise(context, result, prefix, samples, predictions, references)
         result.metrics[f"{prefix}/length_within_block"] = within_one_block(
             torch.tensor(chosen), torch.tensor(reference_lengths), context.dgs_block
         )
         result.metrics[f"{prefix}/samples"] = float(len(samples))
         result.headline += [f"{prefix}/{metric}", f"{prefix}/length_within_block"]
+        for index in range(min(EXAMPLES, len(samples))):
+            prompt = _decoded_input(context, samples[index])
+            result.examples.append(Example(name, prompt, references[index], predictions[index]))
         shown = zip(predictions[: suite.artifacts], references[: suite.artifacts], strict=True)
         for index, (prediction, reference) in enumerate(shown):
             body = f"reference: {reference}\ngenerated: {prediction}\n"
             result.artifacts[f"samples/{name}-{index}.txt"] = body.encode()
     return result
+
+
+def _recognise(
+    context: TaskContext,
+    result: TaskResult,
+    prefix: str,
+    samples: list,
+    predictions: list[str],
+    references: list[str],
+) -> None:
+    """``{prefix}/label_accuracy`` and its ceiling, chance and majority baseline."""
+    judge = context.recogniser("text", result, prefix)
+    labelled = [i for i, sample in enumerate(samples) if label_of(sample) is not None]
+    if judge is None or not labelled:
+        if judge is not None:
+            result.notes.append(f"{prefix}: no labelled eval sample, recognition skipped")
+        return
+    labels = [str(label_of(samples[i])) for i in labelled]
+    scores = label_scores(
+        judge.predict([predictions[i] for i in labelled]), labels, judge.classes, judge.majority
+    )
+    ceiling = judge.accuracy([references[i] for i in labelled], labels)
+    result.metrics[f"{prefix}/label_accuracy"] = scores["accuracy"]
+    result.metrics[f"{prefix}/label_ceiling"] = ceiling
+    result.metrics[f"{prefix}/label_chance"] = scores["chance"]
+    result.metrics[f"{prefix}/label_majority"] = scores["majority"]
+    result.headline.append(f"{prefix}/label_accuracy")
+
+
+def _decoded_input(context: TaskContext, sample: TokenSample) -> Media:
+    """The medium of an ``X2text`` sample as its tokenizer decodes it (a video: its first
+    frame), for the sample grid."""
+    tokenizers = context.loaded.tokenizers
+    layout = tokenizers.layout
+    if (ids := span_ids(sample, "audio", layout)) is not None:
+        return tokenizers.audio.decode(ids).cpu()
+    for kind in ("image", "video"):
+        if (ids := span_ids(sample, kind, layout)) is not None:
+            frame = ids[: tokenizers.image.tokens_per_image]
+            return tokenizers.image.decode(frame[None])[0].cpu()
+    return "(no medium)"

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from evaluation.checkpoint import LoadedCheckpoint
 from evaluation.claims import Claim, ClaimStore
 from evaluation.config import SuiteConfig
+from evaluation.recognisers import Recognisers
 from evaluation.report import category_scores
+from evaluation.sample_grid import render
 from evaluation.tasks import TASKS, TaskContext, TaskResult
 from infra.config import public_dict
 from infra.tracking import Tracker
@@ -52,9 +54,15 @@ def mirrored_name(metric: str, suite: str) -> str:
     return f"eval/{metric}" if suite == "default" else f"eval/{suite}/{metric}"
 
 
-def run_tasks(loaded: LoadedCheckpoint, suite: SuiteConfig, samples: dict[str, list]) -> TaskResult:
+def run_tasks(
+    loaded: LoadedCheckpoint,
+    suite: SuiteConfig,
+    samples: dict[str, list],
+    recognisers: Recognisers | None = None,
+) -> TaskResult:
     """Every task of ``suite`` on one loaded checkpoint, merged into one result."""
-    context = TaskContext(loaded, suite, samples, int(loaded.run.train.get("dgs_block", 32)))
+    block = int(loaded.run.train.get("dgs_block", 32))
+    context = TaskContext(loaded, suite, samples, block, recognisers)
     merged = TaskResult()
     for name in suite.tasks:
         result = TASKS[name].run(context)
@@ -62,6 +70,9 @@ def run_tasks(loaded: LoadedCheckpoint, suite: SuiteConfig, samples: dict[str, l
         merged.headline += result.headline
         merged.artifacts.update(result.artifacts)
         merged.notes += result.notes
+        merged.examples += result.examples
+    if merged.examples:
+        merged.artifacts["grids/samples.png"] = render(merged.examples)
     scores = category_scores(merged.metrics)
     merged.metrics.update(scores)
     merged.headline = [*scores, *merged.headline]
@@ -93,7 +104,7 @@ def evaluate_claimed(session: Session, store: ClaimStore, claim: Claim, suite: s
     tracker = Tracker(client, child_id)
     try:
         tracker.log_params(public_dict(settings), prefix="eval.")
-        result = run_tasks(loaded, settings, samples)
+        result = run_tasks(loaded, settings, samples, session.recognisers())
         tracker.log_metrics(result.metrics, step=loaded.step)
         for name, data in sorted(result.artifacts.items()):
             folder, _, file = name.rpartition("/")

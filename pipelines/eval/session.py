@@ -17,6 +17,7 @@ from evaluation.checkpoint import (
 from evaluation.claims import ClaimStore
 from evaluation.config import SuiteConfig
 from evaluation.eval_data import load_samples
+from evaluation.recognisers import Recognisers, fit_recognisers
 from evaluation.tasks import TASKS
 from infra.storage import Storage, is_remote, join
 from infra.tracking import open_experiment
@@ -25,6 +26,11 @@ from tokenization.bundle import Tokenizers
 
 if TYPE_CHECKING:
     from pipelines.config import PipelineConfig
+
+# The recognisers learn from the media + caption buckets' training split (text2X holds the
+# same documents the other way round), at most this many samples each.
+RECOGNISER_BUCKETS = ("image2text", "audio2text")
+RECOGNISER_SAMPLES = 4000
 
 
 class Session:
@@ -41,6 +47,7 @@ class Session:
         self._tokenizers: Tokenizers | None = None
         self._samples: dict[str, dict[str, list]] = {}
         self._runs: dict[str, RunInfo] = {}
+        self._recognisers: Recognisers | None = None
 
     @property
     def tokenizers(self) -> Tokenizers:
@@ -69,6 +76,20 @@ class Session:
                 self.tokenizers.layout,
             )
         return self._samples[name]
+
+    def recognisers(self) -> Recognisers:
+        """The judges of labelled corpora, fitted once on the training split's samples."""
+        if self._recognisers is None:
+            samples = load_samples(
+                self.storage,
+                self.workspace,
+                RECOGNISER_BUCKETS,
+                "train",
+                RECOGNISER_SAMPLES,
+                self.tokenizers.layout,
+            )
+            self._recognisers = fit_recognisers(self.tokenizers, samples)
+        return self._recognisers
 
     def load(self, run_id: str, step: int | None, suite: SuiteConfig) -> LoadedCheckpoint:
         run = self.run(run_id)

@@ -25,12 +25,13 @@ import numpy as np
 import torch
 
 from infra.storage import Storage, join
+from pipelines.shard.documents import corpus_metadata
 from pipelines.stage_state import read_parquet
 from tokenization.audio import decode_audio
 from tokenization.bundle import Tokenizers
 from tokenization.errors import TokenizerInputError
 from tokenization.sequences import SequenceConfig, TokenizedSegment, build_sequences
-from tokenization.token_samples import encode_sample, sample_key, split_of, write_tar
+from tokenization.token_samples import declared_split, encode_sample, sample_key, write_tar
 from tokenization.video import read_frames
 
 STAGE = "pretokenize"
@@ -160,17 +161,33 @@ def tokenize_documents(
         sequences, skipped = build_sequences(segments, tokenizers.layout, settings.sequences)
         for reason in skipped:
             quarantine.append(_quarantine(document, reason.split(":")[0], reason))
+        meta = sample_meta(document, layout_fingerprint, settings.eval_fraction)
         for sequence in sequences:
             key = sample_key(document["id"], sequence.bucket)
-            meta = {
-                "document_id": document["id"],
-                "native_id": document["native_id"],
-                "source": document["origin"],
-                "split": split_of(document["id"], settings.eval_fraction),
-                "layout": layout_fingerprint,
-            }
             samples[sequence.bucket].append(encode_sample(key, sequence, meta))
     return samples, quarantine
+
+
+def sample_meta(
+    document: dict[str, Any], layout_fingerprint: str, eval_fraction: float
+) -> dict[str, Any]:
+    """The caller's part of a token sample's ``meta.json``: ids, source, split, layout, and
+    the document's ``label`` when its metadata has one (evaluation scores against it).
+
+    The split is the one the document declares in its metadata (``split``: train/eval),
+    else the hash of its id (:func:`~tokenization.token_samples.declared_split`).
+    """
+    metadata = corpus_metadata(document)
+    meta = {
+        "document_id": document["id"],
+        "native_id": document["native_id"],
+        "source": document["origin"],
+        "split": declared_split(document["id"], metadata, eval_fraction),
+        "layout": layout_fingerprint,
+    }
+    if "label" in metadata:
+        meta["label"] = metadata["label"]
+    return meta
 
 
 def read_documents(part: str, settings: WorkerSettings) -> list[dict[str, Any]]:

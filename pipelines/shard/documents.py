@@ -9,6 +9,7 @@ embedded, so later stages never read the raw corpus again.
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -101,3 +102,12 @@ def check_relative_media_path(path: str) -> str:
     if normalised == ".." or normalised.startswith("../") or "/../" in f"/{normalised}/":
         raise Rejected("media_path_escapes_root", f"{path!r} leaves the corpus root")
     return normalised
+
+
+def corpus_metadata(document: dict[str, Any]) -> dict[str, Any]:
+    """A shard row's ``metadata`` column (the reader's extra fields, as JSON) as a dict."""
+    try:
+        metadata = json.loads(document.get("metadata") or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return metadata if isinstance(metadata, dict) else {}

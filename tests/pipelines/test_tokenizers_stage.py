@@ -170,6 +170,27 @@ def test_a_medium_in_several_documents_is_held_out_everywhere_or_nowhere() -> No
     assert all(s.source is None for s in data.train_images + data.eval_images)
 
 
+def test_a_declared_split_decides_where_a_documents_media_go() -> None:
+    image = ImageTokenizer.from_config(ImageTokenizerConfig())
+    audio = AudioTokenizer.from_config(AudioTokenizerConfig())
+    photos = [
+        (Path(__file__).resolve().parents[2] / IMAGES / name).read_bytes()
+        for name in ("coffee.jpg", "brick.jpg", "moon.jpg", "horse.jpg")
+    ]
+    documents = [
+        {"id": f"d{index}", "metadata": json.dumps({"split": split}),
+         "segments": [{"type": "image", "bytes": photo, "text": None}]}
+        for index, (photo, split) in enumerate(zip(photos, ["eval", "train"] * 2, strict=True))
+    ]  # fmt: skip
+    # eval_fraction 0.0 would hold out nothing by content hash: the declaration wins
+    data, _ = tokenizers_stage.collect(
+        iter(documents), image, audio, VideoTokenizer(image, VideoConfig()), 0.0
+    )
+    assert len(data.eval_images) == 2 and len(data.train_images) == 2
+    held = {s.pixels.numpy().tobytes() for s in data.eval_images}
+    assert held == {image.preprocess(photos[i]).numpy().tobytes() for i in (0, 2)}
+
+
 def test_training_images_and_frames_keep_a_larger_source_to_crop_from() -> None:
     image = ImageTokenizer.from_config(ImageTokenizerConfig(resolution=32, downsample=8))
     audio = AudioTokenizer.from_config(AudioTokenizerConfig())

@@ -85,6 +85,9 @@ def test_two_workers_train_track_and_checkpoint(
                 "train/step_seconds", "train/data_wait_fraction", "train/loss_ce",
                 "gradnorm/weight_ce", "train/loss_ce_text"):  # fmt: skip
         assert key in metrics, key
+    # The held-out loss on the eval split: at the last step (train.eval_every = 100 > 20).
+    assert [step for step, _ in losses(client, report.run_id, "val/loss")] == [20]
+    assert any(k.startswith("val/loss_ce_") for k in metrics)
     weights = [v for k, v in metrics.items() if k.startswith("gradnorm/weight_")]
     assert sum(weights) == pytest.approx(len(weights))
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+import tokenization.quantizer as quantizer_module
 from tokenization.quantizer import (
     QuantizerConfig,
     VectorQuantizer,
@@ -89,6 +91,24 @@ def test_kmeans_puts_one_centre_on_each_cluster_and_counts_them() -> None:
     found, sizes = kmeans(points, 5, generator=torch.Generator().manual_seed(0), restarts=2)
     assert torch.cdist(found, centres).min(0).values.max() < 0.2  # every cluster has a centre
     assert sorted(sizes.tolist()) == [30.0] * 5
+
+
+def test_kmeans_fits_a_capped_subset_but_counts_every_point(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    centres = torch.eye(5) * 10
+    points = clustered(400, centres, 0.1)  # 2,000 points, cap 5 x 8 = 40
+    fitted: list[int] = []
+    lloyd = quantizer_module._lloyd
+    monkeypatch.setattr(
+        quantizer_module, "_lloyd", lambda fit, *a: fitted.append(len(fit)) or lloyd(fit, *a)
+    )
+    generator = torch.Generator().manual_seed(0)
+    found, sizes = kmeans(points, 5, generator=generator, points_per_cluster=8)
+    assert fitted == [40]
+    assert torch.cdist(found, centres).min(0).values.max() < 0.5
+    assert sorted(sizes.tolist()) == [400.0] * 5
 
 
 def test_kmeans_with_more_clusters_than_points_repeats_points() -> None:
