@@ -263,6 +263,8 @@ class AudioTokenizerConfig(Section):
                 f"encoder: unknown keys {sorted(unknown)}; allowed {sorted(ENCODER_KEYS)}"
             )
         if self.encoder_dir is None:
+            # The values' types are checked by WhisperConfig when the encoder is built
+            # (tokenization.audio): building one here would import transformers.
             positions = self.encoder.get("max_source_positions", WHISPER_SOURCE_POSITIONS)
             check_window(positions, self.downsample)
         elif self.encoder and "encoder" in self.model_fields_set:
