@@ -195,6 +195,9 @@ def test_ctrl_c_detaches_from_a_job_and_stop_ends_it(
     client = JobSubmissionClient(ray_head)
     # The shard stage's job, already running: `omni submit shard --wait` attaches to it.
     client.submit_job(entrypoint=SLOW_JOB, submission_id=job)
+    # Running before the CLI starts: `omni submit` answers within a second now, and would
+    # otherwise attach while the job is still PENDING (its runtime env being set up).
+    wait_for_status(client, job, "RUNNING")
     cli = subprocess.Popen(
         [sys.executable, "-m", "pipelines.cli", "submit", "shard", "-c", str(config),
          "--address", ray_head, "--wait"],
