@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/trainer_overhead.py
 	$(BIN)/python benchmarks/modality_batching.py
 	$(BIN)/python benchmarks/tokenizer_quality.py
+	$(BIN)/python benchmarks/cli_latency.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

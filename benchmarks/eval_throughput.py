@@ -27,8 +27,8 @@ from evaluation.tasks import TASKS, TaskContext
 from infra.config import validate
 from infra.storage import Storage
 from infra.tracking import open_experiment
-from pipelines import eval_stage
 from pipelines.config import PipelineConfig, load_pipeline_config
+from pipelines.eval import stage as eval_stage
 from training.checkpointing import COMPLETE, step_name
 
 RESULTS = Path(__file__).parent / "results" / "eval_throughput.json"

@@ -84,13 +84,13 @@ from torch import Tensor
 
 from tokenization.vocab import VocabLayout
 from training.autoregressive import ar_generate
+from training.config import CacheConfig
 from training.dfm import MaskedPath, PolynomialScheduler
 from training.generation import text_canvas
 from training.model import OmniModel
 from training.model_config import load_model_config
 from training.model_predictor import ModelPredictor
 from training.sampling import (
-    CacheConfig,
     SamplerConfig,
     Vocabulary,
     confidence_unmask,

@@ -18,11 +18,11 @@ import torch
 
 from infra.config import validate
 from infra.storage import Storage
-from pipelines import tokenizers_stage
 from pipelines.config import PipelineConfig
-from pipelines.pretokenize import _settings
-from pipelines.pretokenize_worker import process_shard
+from pipelines.pretokenize.stage import _settings
+from pipelines.pretokenize.worker import process_shard
 from pipelines.stage_state import read_parquet
+from pipelines.tokenizers import stage as tokenizers_stage
 
 
 def main(config_json: str) -> None:

@@ -14,7 +14,7 @@ three variants tokenize the same shards, each on its own fresh copy of the works
 
 The main figure of each variant is samples / wall seconds of the whole call. Both sides pay
 the same cold start: the stage's actor is a fresh worker process importing
-``pipelines.pretokenize`` (torch, transformers for Whisper, scipy) and loading the
+``pipelines.pretokenize.stage`` (torch, transformers for Whisper, scipy) and loading the
 tokenizers; the bare loop is a fresh process doing the same (timed from spawn to exit). Ray's
 own start-up is left out of the stage's figure (the benchmark starts Ray first). A steady-state
 figure leaves start-up out: samples / seconds from the moment the first actor is ready (the
@@ -55,8 +55,10 @@ from typing import Any
 import ray
 
 from infra.config import validate
-from pipelines import pretokenize, shard, tokenizers_stage
 from pipelines.config import PipelineConfig
+from pipelines.pretokenize import stage as pretokenize
+from pipelines.shard import stage as shard
+from pipelines.tokenizers import stage as tokenizers_stage
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "corpus"

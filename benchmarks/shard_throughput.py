@@ -31,11 +31,11 @@ import ray
 
 from infra.config import validate
 from infra.storage import Storage
-from pipelines import shard
 from pipelines.config import PipelineConfig
-from pipelines.document_validation import accept
-from pipelines.media_checks import MediaLimits
-from pipelines.readers import READERS, SplitOptions
+from pipelines.shard import stage as shard
+from pipelines.shard.media_checks import MediaLimits
+from pipelines.shard.readers import READERS, SplitOptions
+from pipelines.shard.validation import accept
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "corpus"

@@ -38,8 +38,8 @@ import torch
 matplotlib.use("Agg")  # no display on servers
 from matplotlib import pyplot as plt  # noqa: E402
 
-from pipelines import tokenizers_stage
 from pipelines.config import PipelineConfig, load_pipeline_config
+from pipelines.tokenizers import stage as tokenizers_stage
 from tokenization.audio import AudioTokenizer
 from tokenization.baselines import ImagePalette
 from tokenization.image import ImageTokenizer

@@ -80,7 +80,9 @@ def prepare_workspace(source: Path | None, target: Path) -> Path:
                 raise SystemExit(f"--workspace {source}: no {part}/ folder")
             shutil.copytree(source / part, target / part)
         return target
-    from pipelines import pretokenize, shard, tokenizers_stage
+    from pipelines.pretokenize import stage as pretokenize
+    from pipelines.shard import stage as shard
+    from pipelines.tokenizers import stage as tokenizers_stage
 
     config = pipeline_config(target, QUICK_WARMUP)
     print(f"building a token workspace from {CORPUS} in {target} ...", flush=True)

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from infra.config import Section
-from training.sampling import CacheConfig, SamplerConfig
+from training.config import CacheConfig, SamplerConfig
 
 TASK_NAMES = ("retrieval", "understanding", "generation", "speed")
 

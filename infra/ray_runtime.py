@@ -2,7 +2,9 @@
 
 A default local ``ray.init`` reserves 30% of RAM for the object store and starts the
 dashboard (about 1 GiB more); on the 2-core, 24 GiB machines this project targets that
-starves the stages themselves, so both are bounded here.
+starves the stages themselves, so both are bounded here. Ray is imported when a
+connection is made, not with this module: the config and the command line's help load
+:class:`RayConfig` without it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import logging
 import os
 from collections.abc import Iterator
 
-import ray
 from pydantic import Field
 
 from infra.config import Section
@@ -46,6 +47,8 @@ def connect(config: RayConfig) -> bool:
     An existing connection (a test session, a notebook, a Ray job's driver) is reused as
     it is, so stages can be called from inside a larger Ray program.
     """
+    import ray
+
     if ray.is_initialized():
         return False
     if config.address:
@@ -69,6 +72,8 @@ def connect(config: RayConfig) -> bool:
 
 def disconnect(started: bool) -> None:
     """Shut Ray down only if :func:`connect` started the connection."""
+    import ray
+
     if started and ray.is_initialized():
         ray.shutdown()
 

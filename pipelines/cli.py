@@ -14,14 +14,13 @@ from rich.console import Console
 from infra.config import ConfigError
 from infra.storage import StorageError
 from pipelines.config import load_pipeline_config
-from pipelines.eval_cli import eval_app, generate_command, sweep_command
+from pipelines.eval.cli import eval_app, generate_command, sweep_command
 from pipelines.examples.cli import examples_app
-from pipelines.pretokenize import PretokenizeConfig
-from pipelines.ray_units import UnitFailed
-from pipelines.shard import ShardConfig
-from pipelines.workflow_cli import register as register_workflow_commands
-from tokenization.config import WarmupConfig
-from training.train_config import ModelSection, TrainConfig
+from pipelines.pretokenize.config import PretokenizeConfig
+from pipelines.shard.config import ShardConfig
+from pipelines.tokenizers.config import WarmupConfig
+from pipelines.train.config import ModelSection, TrainConfig
+from pipelines.workflow.cli import register as register_workflow_commands
 
 app = typer.Typer(
     help="Omnimodal discrete-flow-matching pipeline: shard -> pretokenize -> train -> evaluate.",
@@ -102,7 +101,8 @@ def shard(config: ConfigOption, set_: SetOption = None) -> None:
     Exit codes: 0 done (bad documents are quarantined, not fatal), 1 missing input or
     unreachable storage, 2 invalid config.
     """
-    from pipelines import shard as shard_stage
+    from pipelines.ray_units import UnitFailed
+    from pipelines.shard import stage as shard_stage
     from pipelines.summary import render_shard_report
 
     try:
@@ -125,7 +125,7 @@ def pretokenize(config: ConfigOption, set_: SetOption = None) -> None:
     `quarantine.parquet`, `stats.json` and `_SUCCESS.json`. Exactly once and resumable:
     a killed run picks up where it stopped.
     """
-    from pipelines import pretokenize as stage
+    from pipelines.pretokenize import stage
     from pipelines.summary import render_pretokenize_report
 
     try:
@@ -205,8 +205,8 @@ def tokenizers_train(config: ConfigOption, set_: SetOption = None) -> None:
     after; losses, codebook usage and reconstruction grids go to MLflow. Writes
     `<workspace>/tokenizers/{text,image,audio}/`, `vocab_layout.json` and `_SUCCESS.json`.
     """
-    from pipelines import tokenizers_stage
     from pipelines.summary import render_tokenizers_report
+    from pipelines.tokenizers import stage as tokenizers_stage
 
     try:
         pipeline = load_pipeline_config(config, set_ or [])
@@ -234,8 +234,8 @@ def tokenizers_eval(
     """
     import json
 
-    from pipelines import tokenizers_stage
     from pipelines.summary import quality_table
+    from pipelines.tokenizers import stage as tokenizers_stage
 
     try:
         pipeline = load_pipeline_config(config, set_ or [])

@@ -2,6 +2,8 @@
 
 A stage is done when ``<stage dir>/_SUCCESS.json`` exists; it is written last, and it
 carries the fingerprint of the config and inputs that produced the stage's output.
+pyarrow is imported where a table is built or read, so reading markers (``omni status``,
+planning) does not load it.
 """
 
 from __future__ import annotations
@@ -10,26 +12,17 @@ import io
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any
 
 from infra.storage import Storage, join
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 SUCCESS = "_SUCCESS.json"
 RUNNING = "_RUNNING.json"
 
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("native_id", pa.string()),
-        ("source", pa.string()),
-        ("stage", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-    ]
-)
+QUARANTINE_COLUMNS = ("id", "native_id", "source", "stage", "reason", "detail")  # strings
 
 
 def read_marker(storage: Storage, stage_dir: str, name: str) -> dict[str, Any] | None:
@@ -84,16 +77,25 @@ def success_payload(stage: str, fingerprint: str, started: float, **counts: Any)
 
 
 def quarantine_table(rows: list[dict[str, str]]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA)
+    import pyarrow as pa
+
+    schema = pa.schema([(name, pa.string()) for name in QUARANTINE_COLUMNS])
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def parquet_bytes(table: pa.Table, **options: Any) -> bytes:
     """Serialise a table to Parquet in memory, for an atomic write through Storage."""
+    import pyarrow.parquet as pq
+
     buffer = io.BytesIO()
     pq.write_table(table, buffer, **options)
     return buffer.getvalue()
 
 
 def read_parquet(storage: Storage, uri: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file as a table. ``ParquetFile`` rather than ``pq.read_table``: the
+    latter goes through ``pyarrow.dataset``, whose import loads pandas (a second, here)."""
+    import pyarrow.parquet as pq
+
     with storage.open(uri, "rb") as handle:
-        return pq.read_table(handle, columns=columns)
+        return pq.ParquetFile(handle).read(columns=columns)

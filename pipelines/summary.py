@@ -5,9 +5,9 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.pretokenize import PretokenizeReport
-from pipelines.shard import ShardReport
-from pipelines.tokenizers_stage import TokenizersReport
+from pipelines.pretokenize.stage import PretokenizeReport
+from pipelines.shard.stage import ShardReport
+from pipelines.tokenizers.stage import TokenizersReport
 
 
 def _spread(values: list[int]) -> str:

@@ -104,14 +104,14 @@ def upload_folder(moto_server: MotoServer, bucket: str, prefix: str, folder: Pat
 
 
 def run_stage_in_own_ray(stage: str, config_path: Path, init_kwargs: str = "") -> dict[str, Any]:
-    """``pipelines.<stage>.run`` in a fresh process on its own local Ray (2 CPUs), started
+    """``pipelines.<stage>.stage.run`` in a fresh process on its own local Ray (2 CPUs), started
     with the extra ``ray.init`` keyword arguments ``init_kwargs`` (Python source, e.g.
     ``"num_gpus=1"``); returns the stage's report as a dict."""
     script = (
         "import dataclasses, json, ray;"
         f"ray.init(address='local', num_cpus=2, include_dashboard=False, {init_kwargs});"
-        f"from pipelines.config import load_pipeline_config; from pipelines import {stage};"
-        f"r = {stage}.run(load_pipeline_config({str(config_path)!r}));"
+        f"from pipelines.config import load_pipeline_config; from pipelines.{stage} import stage;"
+        f"r = stage.run(load_pipeline_config({str(config_path)!r}));"
         "print('REPORT', json.dumps(dataclasses.asdict(r)))"
     )
     done = subprocess.run(

@@ -30,138 +30,44 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 import soundfile
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from infra.config import Section
 from tokenization.code_search import refine_codes
+from tokenization.config import (
+    ENCODER_KEYS,
+    ENCODER_STRIDE,
+    HOP_LENGTH,
+    SAMPLE_RATE,
+    AudioTokenizerConfig,
+    check_window,
+)
 from tokenization.errors import TokenizerInputError
 from tokenization.persistence import load_component, save_component
 from tokenization.quantizer import (
-    QuantizerConfig,
     QuantizerOutput,
     VectorQuantizer,
     principal_directions,
     ridge_regression,
 )
 
-SAMPLE_RATE = 16000
-HOP_LENGTH = 160  # Whisper's STFT hop
-MEL_FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100
-ENCODER_STRIDE = 2  # Whisper's conv2: 100 -> 50 frames/s
 SILENCE_BELOW_PEAK = 2.0  # Whisper's floor: 8 log10 units below the peak, divided by 4
-# WhisperConfig keys that shape the encoder; num_mel_bins comes from ``n_mels``.
-ENCODER_KEYS = frozenset(
-    "d_model encoder_layers encoder_attention_heads encoder_ffn_dim encoder_layerdrop dropout"  # noqa: SIM905
-    " attention_dropout activation_dropout activation_function scale_embedding init_std"
-    " max_source_positions".split()
-)
 # Only the encoder is built, but WhisperConfig validates its text side: a tiny vocabulary
 # with every special id inside it keeps it quiet.
 _TEXT_SIDE = dict(
     vocab_size=4, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3
 )
-# 4 s windows (2 * 200 mel frames), ~100k parameters: for tests and the demo.
-_TINY_ENCODER = dict(
-    d_model=64,
-    encoder_layers=2,
-    encoder_attention_heads=2,
-    encoder_ffn_dim=128,
-    max_source_positions=200,
-)
-
-
-class AudioTokenizerConfig(Section):
-    """Front-end, encoder, downsampling, codebook and decoder of the audio tokenizer."""
-
-    sample_rate: Literal[16000] = Field(
-        16000, description="rate audio is resampled to; Whisper's log-mel is defined at 16 kHz"
-    )
-    n_mels: Literal[80, 128] = Field(80, description="mel bins (Whisper large-v3 uses 128)")
-    token_rate_hz: float = Field(
-        12.5, gt=0, le=50, description="token positions per second; 50 / rate must be an integer"
-    )
-    encoder_dir: str | None = Field(
-        None, description="local Whisper checkpoint (WhisperModel dir); None = random tiny encoder"
-    )
-    encoder: dict[str, Any] = Field(
-        default_factory=lambda: dict(_TINY_ENCODER),
-        description="WhisperConfig overrides (ENCODER_KEYS) used when encoder_dir is None",
-    )
-    latent_dim: int = Field(128, gt=0, description="channels of the strided downsampling conv")
-    quantizer: QuantizerConfig = Field(default_factory=QuantizerConfig)
-    decoder_channels: int = Field(
-        128, ge=2, description="mel decoder width at token rate (half of it at frame rate)"
-    )
-    decoder_blocks: int = Field(2, ge=0, description="dilated residual conv blocks per rate")
-    patch_path: bool = Field(
-        True,
-        description="a linear path from each token's span of mel frames to its latent and back, "
-        "beside the Whisper encoder and the conv decoder; `initialise` sets it to the spans' PCA "
-        "so training starts as a k-means codec of mel spans and the networks learn the residual",
-    )
-    code_search: int = Field(
-        2,
-        ge=0,
-        description="sweeps of analysis-by-synthesis over the ids when encoding (not in "
-        "training): each token's code is re-chosen as the one whose decoded spans are closest "
-        "(L1) to the clip's log-mel (tokenization.code_search); 0 = the nearest code, as a "
-        "VQ-VAE. Needs the span path; ignored without it",
-    )
-    min_seconds: float = Field(
-        0.1, ge=0.025, description="shorter clips are rejected (0.025 s = one 400-sample FFT)"
-    )
-    silence_rms: float = Field(
-        1e-4, ge=0, description="clips whose RMS (full scale = 1) is below this are rejected"
-    )
-
-    @property
-    def downsample(self) -> int:
-        """Encoder frames (50 Hz) per token position."""
-        return round(MEL_FRAMES_PER_SECOND / ENCODER_STRIDE / self.token_rate_hz)
-
-    @property
-    def span(self) -> int:
-        """Mel frames (100 Hz) per token position."""
-        return ENCODER_STRIDE * self.downsample
-
-    @model_validator(mode="after")
-    def _consistent(self) -> AudioTokenizerConfig:
-        ratio = MEL_FRAMES_PER_SECOND / ENCODER_STRIDE / self.token_rate_hz
-        if abs(ratio - round(ratio)) > 1e-9:
-            raise ValueError(f"token_rate_hz={self.token_rate_hz}: 50 / rate must be an integer")
-        unknown = set(self.encoder) - ENCODER_KEYS
-        if unknown:
-            raise ValueError(
-                f"encoder: unknown keys {sorted(unknown)}; allowed {sorted(ENCODER_KEYS)}"
-            )
-        if self.encoder_dir is None:
-            check_window(whisper_config(self), self.downsample)
-        elif self.encoder and "encoder" in self.model_fields_set:
-            raise ValueError("encoder overrides and encoder_dir are exclusive: the dir sets it")
-        return self
 
 
 def whisper_config(config: AudioTokenizerConfig) -> WhisperConfig:
     """The WhisperConfig of the random encoder described by ``config.encoder``."""
     return WhisperConfig(**_TEXT_SIDE, **config.encoder, num_mel_bins=config.n_mels)
-
-
-def check_window(whisper: WhisperConfig, downsample: int) -> None:
-    """Tokens must not straddle encoder windows: ``max_source_positions % downsample == 0``."""
-    if whisper.max_source_positions % downsample:
-        raise ValueError(
-            f"encoder max_source_positions={whisper.max_source_positions} must be divisible "
-            f"by the downsampling factor {downsample} (50 Hz / token_rate_hz)"
-        )
 
 
 def to_mono_16k(samples: np.ndarray, sample_rate: int, config: AudioTokenizerConfig) -> np.ndarray:
@@ -368,7 +274,7 @@ class AudioTokenizer(nn.Module):
             raise ValueError(
                 f"encoder takes {encoder.config.num_mel_bins} mel bins, n_mels={config.n_mels}"
             )
-        check_window(encoder.config, config.downsample)
+        check_window(encoder.config.max_source_positions, config.downsample)
         self.config = config
         self.encoder = encoder
         self.window = ENCODER_STRIDE * encoder.config.max_source_positions  # mel frames

@@ -21,56 +21,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from infra.config import Section
 from tokenization.audio import AudioTokenizer, pad_mels
+from tokenization.config import AudioTrainerConfig
 from tokenization.image_trainer import lr_scale
-
-
-class AudioTrainerConfig(Section):
-    """Optimiser, loss weights and caption decoder of the audio tokenizer warm-up."""
-
-    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate of the tokenizer")
-    caption_learning_rate: float | None = Field(
-        None,
-        gt=0,
-        description="AdamW learning rate of the caption decoder, trained from scratch while "
-        "the tokenizer starts fitted (None = learning_rate)",
-    )
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
-    warmup_steps: int = Field(20, ge=0, description="steps of linear learning-rate warm-up")
-    min_lr_ratio: float = Field(
-        0.05, ge=0, le=1, description="learning rate at the end of the cosine, as a share"
-    )
-    max_shift: int = Field(
-        8,
-        ge=0,
-        description="augment: drop up to this many leading mel frames (moves the "
-        "token grid; 8 = one token span)",
-    )
-    max_gain: float = Field(
-        0.25,
-        ge=0,
-        description="augment: add a uniform offset in +-this to the log-mel "
-        "(0.25 = +-10 dB in Whisper's scale)",
-    )
-    max_bin_shift: int = Field(
-        3, ge=0, description="augment: shift the spectrum by up to this many mel bins"
-    )
-    max_stretch: float = Field(
-        0.2, ge=0, lt=1, description="augment: resample time by a factor in 1 +- this"
-    )
-    reconstruction_weight: float = Field(1.0, ge=0, description="w_R of the mel L1")
-    caption_weight: float = Field(0.5, ge=0, description="w_cap of the caption cross-entropy")
-    text_vocab_size: int = Field(
-        32000, gt=0, description="transcript ids are in [0, text_vocab_size) (the BPE vocab)"
-    )
-    caption_dim: int = Field(128, gt=0, description="caption decoder width")
-    caption_layers: int = Field(2, ge=1, description="caption decoder layers")
-    caption_heads: int = Field(4, ge=1, description="caption decoder attention heads")
 
 
 def sinusoids(length: int, dim: int, device: torch.device) -> torch.Tensor:

@@ -25,15 +25,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
-from infra.config import Section
 from tokenization.code_search import refine_codes
+from tokenization.config import ImageTokenizerConfig
 from tokenization.errors import TokenizerInputError
 from tokenization.persistence import load_component, save_component
 from tokenization.quantizer import (
-    QuantizerConfig,
     QuantizerOutput,
     VectorQuantizer,
     principal_directions,
@@ -44,63 +42,6 @@ _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # "I" (int32) holds 16-
 _ALPHA = {"RGBA", "RGBa", "LA", "La", "PA"}
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP pixel normalisation
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class ImageTokenizerConfig(Section):
-    """Geometry of the VQ-VAE; ``downsample`` must be ``2 ** len(channels)``."""
-
-    resolution: int = Field(64, gt=0, description="side R of the square input, in pixels")
-    downsample: int = Field(8, ge=2, description="pixels per latent cell side (power of 2)")
-    channels: list[PositiveInt] = Field(
-        default_factory=lambda: [32, 64, 128],
-        min_length=1,
-        description="conv widths, one stride-2 level each (encoder and decoder)",
-    )
-    latent_dim: int = Field(64, gt=0, description="latent vector size; equals quantizer.dim")
-    patch_path: bool = Field(
-        True,
-        description="a linear path from each downsample x downsample pixel patch to its latent "
-        "and back, beside the conv encoder and decoder; `initialise` sets it to the patches' PCA "
-        "so training starts as a k-means block codec and the convs learn the residual",
-    )
-    quantizer: QuantizerConfig = Field(default_factory=QuantizerConfig)
-    code_search: int = Field(
-        2,
-        ge=0,
-        description="sweeps of analysis-by-synthesis over the ids in `encode`: each patch's "
-        "code is re-chosen as the one whose decoded 3 x 3 patches are closest (squared error) "
-        "to the image (tokenization.code_search); 0 = the nearest code, as a VQ-VAE. Needs the "
-        "patch path; ignored without it",
-    )
-    min_side: int = Field(8, ge=1, description="source images with a smaller side are rejected")
-    clip_init_dir: str | None = Field(
-        None, description="local CLIP (vision) checkpoint whose ViT replaces the conv encoder"
-    )
-    clip_vision: dict[str, Any] | None = Field(
-        None,
-        description="CLIPVisionConfig of the CLIP encoder; filled in when built from "
-        "clip_init_dir, so a saved tokenizer loads without that directory",
-    )
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ImageTokenizerConfig:
-        levels = len(self.channels)
-        if self.downsample & (self.downsample - 1):
-            raise ValueError(f"downsample={self.downsample} must be a power of 2")
-        if self.downsample != 2**levels:
-            raise ValueError(
-                f"downsample={self.downsample} must equal 2 ** len(channels) = {2**levels} "
-                f"(channels={self.channels}: one stride-2 level per entry)"
-            )
-        if self.resolution % self.downsample:
-            raise ValueError(
-                f"resolution={self.resolution} must be divisible by downsample={self.downsample}"
-            )
-        if self.quantizer.dim != self.latent_dim:
-            raise ValueError(
-                f"quantizer.dim={self.quantizer.dim} must equal latent_dim={self.latent_dim}"
-            )
-        return self
 
 
 def _norm(width: int) -> nn.GroupNorm:

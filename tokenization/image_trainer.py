@@ -37,9 +37,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 
-from infra.config import Section
+from tokenization.config import ImageTrainerConfig
 from tokenization.image import ImageTokenizer, output_layer
 from tokenization.image_losses import (
     CaptionEncoder,
@@ -48,65 +47,6 @@ from tokenization.image_losses import (
     discriminator_hinge_loss,
     generator_hinge_loss,
 )
-
-
-class ImageTrainerConfig(Section):
-    """Optimiser, loss weights and the auxiliary networks of the warm-up."""
-
-    lr: float = Field(2e-4, gt=0, description="Adam learning rate (generator and discriminator)")
-    betas: tuple[float, float] = Field((0.5, 0.9), description="Adam betas (VQGAN's)")
-    grad_clip: float = Field(1.0, gt=0, description="max gradient norm per optimiser step")
-    warmup_steps: int = Field(20, ge=0, description="steps of linear learning-rate warm-up")
-    min_lr_ratio: float = Field(
-        0.05, ge=0, le=1, description="learning rate at the end of the cosine, as a share of lr"
-    )
-    flip: bool = Field(True, description="augment: mirror half the training images")
-    max_shift: int = Field(
-        7, ge=0, description="augment: translate by up to this many pixels (reflect padding)"
-    )
-    source_scale: int = Field(
-        2,
-        ge=1,
-        description="augment: training images are kept at this many times the resolution "
-        "(memory: its square) and each step cuts a random square crop from them, resized "
-        "down (1 = no crops)",
-    )
-    min_crop: float = Field(
-        0.5, gt=0, le=1, description="augment: smallest crop side, as a share of the kept image's"
-    )
-    l1_weight: float = Field(1.0, ge=0, description="weight of |x - x_hat|_1 in L_R")
-    l2_weight: float = Field(1.0, ge=0, description="weight of |x - x_hat|^2 in L_R")
-    gan_start_step: int = Field(
-        2000, ge=0, description="L_G and D training are on from this (0-based) step"
-    )
-    gan_weight: float = Field(
-        0.1,
-        ge=0,
-        description="lambda_G, weight of the generator loss (times the balance "
-        "below when gan_adaptive)",
-    )
-    gan_adaptive: bool = Field(
-        True,
-        description="scale lambda_G by |grad L_R| / |grad L_G| at the decoder's output layer "
-        "(VQGAN's adaptive weight)",
-    )
-    disc_width: int = Field(32, gt=0, description="first conv width of the PatchGAN")
-    disc_layers: int = Field(3, ge=1, description="stride-2 convs of the PatchGAN")
-    semantic_weight: float = Field(0.1, ge=0, description="lambda_sem, weight of L_constra")
-    temperature: float = Field(0.07, gt=0, description="InfoNCE temperature tau")
-    text_vocab_size: int = Field(4096, gt=0, description="caption BPE vocabulary size")
-    text_width: int = Field(128, gt=0, description="caption encoder width")
-    text_layers: int = Field(2, ge=1, description="caption encoder transformer layers")
-    text_heads: int = Field(4, ge=1, description="caption encoder attention heads")
-    max_caption_tokens: int = Field(77, gt=0, description="captions are truncated to this")
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> ImageTrainerConfig:
-        if self.text_width % self.text_heads:
-            raise ValueError(
-                f"text_width={self.text_width} must be divisible by text_heads={self.text_heads}"
-            )
-        return self
 
 
 def lr_scale(step: int, progress: float, warmup_steps: int, min_ratio: float) -> float:

@@ -27,10 +27,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
-from infra.config import Section
+from tokenization.config import QuantizerConfig
 
 
 def kmeans(
@@ -155,25 +154,6 @@ def ridge_regression(
 
     best = min(penalties, key=score)
     return solve(gram, moment, best), best
-
-
-class QuantizerConfig(Section):
-    """Codebook shape and update rule."""
-
-    codebook_size: int = Field(512, gt=1, description="codes per (sub-)codebook")
-    dim: int = Field(64, gt=0, description="vector size; split into num_codebooks parts")
-    num_codebooks: int = Field(1, ge=1, description="K sub-codebooks per position")
-    commitment: float = Field(0.25, ge=0, description="beta of the commitment term")
-    ema_decay: float = Field(0.99, ge=0, lt=1, description="0 = codebook learned by gradient")
-    dead_code_threshold: float = Field(
-        0.03, ge=0, description="EMA assignments per step below which a code is restarted"
-    )
-
-    @model_validator(mode="after")
-    def _divisible(self) -> QuantizerConfig:
-        if self.dim % self.num_codebooks:
-            raise ValueError(f"dim={self.dim} must be divisible by num_codebooks")
-        return self
 
 
 @dataclass

@@ -45,9 +45,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from pydantic import Field
 
-from infra.config import Section
+from tokenization.config import SequenceConfig
 from tokenization.vocab import MODALITY_CODES, VocabLayout
 
 BUCKETS = (
@@ -90,15 +89,6 @@ class TokenSequence:
     modality: np.ndarray
     instruction_length: int
     spans: list[Span] = field(default_factory=list)
-
-
-class SequenceConfig(Section):
-    """How documents become bucketed sequences."""
-
-    both_directions: bool = Field(
-        True, description="a media+caption document gives X2text and text2X samples"
-    )
-    max_tokens: int | None = Field(None, gt=0, description="longer sequences are not built")
 
 
 class _Builder:

@@ -18,32 +18,12 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from pydantic import Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from infra.config import Section
+from tokenization.config import TextTokenizerConfig
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "text_config.json"
-
-
-class TextTokenizerConfig(Section):
-    """How the text tokenizer is trained, or where a pretrained one is loaded from."""
-
-    vocab_size: int = Field(
-        4096,
-        gt=0,
-        description="Target BPE vocabulary size when training; the 256 byte symbols are always "
-        "kept, so the real size (TextTokenizer.vocab_size) is at least 256.",
-    )
-    min_frequency: int = Field(
-        2, ge=1, description="A pair must occur at least this often to be merged when training."
-    )
-    pretrained_dir: str | None = Field(
-        None,
-        description="Local directory holding tokenizer.json, or the tokenizer.json file itself "
-        "(e.g. a Qwen2.5 tokenizer); when set it is loaded instead of training. Never a hub name.",
-    )
 
 
 class TextTokenizer:

@@ -21,22 +21,13 @@ import decord
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import Field
 
-from infra.config import Section
+from tokenization.config import VideoConfig
 from tokenization.errors import TokenizerInputError
 
 # decord prefixes its messages with "[hh:mm:ss] /path/to/file.cc:NN: ".
 _DECORD_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 _REASON_CHARS = 200
-
-
-class VideoConfig(Section):
-    """How many frames stand for one clip."""
-
-    frames: int = Field(
-        8, ge=1, description="frames sampled uniformly over each clip (the paper uses 8)"
-    )
 
 
 class FrameTokenizer(Protocol):

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from training.caches import InstructionCache, ResponseCache
+from training.config import CacheConfig
 from training.model import OmniModel
-from training.sampling import CacheConfig
 
 
 class ModelPredictor:

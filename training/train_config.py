@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from infra.config import Section
-from training.dfm import PathConfig
+from training.config import PathConfig
 
 LOSS_TERMS = ("ce", "rec_image", "rec_audio")
 

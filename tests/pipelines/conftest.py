@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import pretokenize, shard, tokenizers_stage
 from pipelines import train as train_stage
 from pipelines.config import PipelineConfig
+from pipelines.pretokenize import stage as pretokenize
+from pipelines.shard import stage as shard
+from pipelines.tokenizers import stage as tokenizers_stage
 from tests.pipelines.train_setup import REFERENCE, config_for, copy_workspace
 
 

@@ -20,7 +20,7 @@ def _abort_on_poison(data: Any) -> None:
 
 
 def install() -> None:
-    from pipelines import media_checks
+    from pipelines.shard import media_checks
     from tokenization.image import ImageTokenizer
 
     check_image = media_checks.CHECKS["image"]

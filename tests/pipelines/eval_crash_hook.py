@@ -45,8 +45,8 @@ def install(point: str) -> None:
 def main() -> None:
     point, config_path, run_id, suite = sys.argv[1:5]
     install(point)
-    from pipelines import eval_stage
     from pipelines.config import load_pipeline_config
+    from pipelines.eval import stage as eval_stage
 
     eval_stage.sweep(load_pipeline_config(config_path), run_ids=[run_id], suite=suite)
     raise SystemExit(f"the sweep finished without reaching {point}")

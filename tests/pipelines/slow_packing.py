@@ -9,7 +9,7 @@ from typing import Any
 
 
 def install() -> None:
-    from pipelines import pretokenize_packing
+    from pipelines.pretokenize import packing as pretokenize_packing
 
     original = pretokenize_packing.pack_tar
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from infra.services import MotoServer
 from pipelines.cli import app
-from pipelines.shard import ShardConfig, ShardReport
+from pipelines.shard.stage import ShardConfig, ShardReport
 from pipelines.summary import render_shard_report
 from tests.conftest import REPO
 

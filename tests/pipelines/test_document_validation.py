@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from infra.storage import Storage
-from pipelines import shard
-from pipelines.document_validation import accept
-from pipelines.documents import RawDocument, Rejected
-from pipelines.media_checks import MediaLimits
+from pipelines.shard import stage as shard
+from pipelines.shard.documents import RawDocument, Rejected
+from pipelines.shard.media_checks import MediaLimits
+from pipelines.shard.validation import accept
 
 LIMITS = MediaLimits(max_image_pixels=50_000_000, max_media_bytes=64 * 2**20, video_probe_frames=2)
 COSTS = shard._token_costs(shard.ShardConfig())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.documents import Rejected, check_relative_media_path, signature, stable_id
+from pipelines.shard.documents import Rejected, check_relative_media_path, signature, stable_id
 
 
 @pytest.mark.parametrize(

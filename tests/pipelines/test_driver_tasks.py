@@ -16,14 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import stage_dag
+from pipelines.workflow import dag as stage_dag
 from tests.conftest import REPO, SAMPLE_CORPUS, pipeline_config
 from tests.pipelines import placement_probe
 
 SCRIPT = """
 import json, os, sys, ray
 ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
-from pipelines import stage_dag, tokenizers_stage
+from pipelines.tokenizers import stage as tokenizers_stage
+from pipelines.workflow import dag as stage_dag
 from pipelines.config import load_pipeline_config
 from tests.pipelines import placement_probe
 tokenizers_stage.run = placement_probe.where
@@ -67,8 +68,8 @@ def test_on_a_cluster_they_run_as_ray_tasks_with_the_configured_resources(tmp_pa
 def test_with_a_local_ray_they_run_in_the_driver(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipelines import tokenizers_stage
     from pipelines.config import load_pipeline_config
+    from pipelines.tokenizers import stage as tokenizers_stage
 
     config = load_pipeline_config(config_file(tmp_path, None))
     monkeypatch.setattr(tokenizers_stage, "run", placement_probe.where)

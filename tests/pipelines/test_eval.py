@@ -25,10 +25,10 @@ from evaluation.claims import ClaimStore
 from evaluation.report import plot_sweep
 from infra.config import validate
 from infra.services import MlflowServer
-from pipelines import eval_stage
 from pipelines import train as train_stage
 from pipelines.cli import app
 from pipelines.config import PipelineConfig
+from pipelines.eval import stage as eval_stage
 from pipelines.eval.child_run import evaluate_claimed
 from tests.conftest import REPO
 from tests.pipelines.eval_crash_hook import POINTS

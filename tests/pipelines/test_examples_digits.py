@@ -19,18 +19,19 @@ import pytest
 from typer.testing import CliRunner
 
 from infra.storage import Storage, StorageConfig
-from pipelines import pretokenize, shard
 from pipelines.cli import app
-from pipelines.document_validation import TokenCosts, accept
 from pipelines.examples import speech
 from pipelines.examples.digits import limited
 from pipelines.examples.images import load_digit_images
 from pipelines.examples.words import DIGIT_WORDS, number_words, with_article
-from pipelines.media_checks import MediaLimits
-from pipelines.pretokenize_worker import sample_meta
-from pipelines.readers.base import Split
-from pipelines.readers.jsonl import JsonlReader
-from pipelines.shard import ShardConfig
+from pipelines.pretokenize import stage as pretokenize
+from pipelines.pretokenize.worker import sample_meta
+from pipelines.shard import stage as shard
+from pipelines.shard.config import ShardConfig
+from pipelines.shard.media_checks import MediaLimits
+from pipelines.shard.readers.base import Split
+from pipelines.shard.readers.jsonl import JsonlReader
+from pipelines.shard.validation import TokenCosts, accept
 from tests.conftest import REPO, pipeline_config
 from tokenization.audio import decode_audio
 from tokenization.token_samples import read_token_samples, split_of

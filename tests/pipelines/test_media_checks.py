@@ -9,8 +9,14 @@ from pathlib import Path
 import pytest
 import soundfile
 
-from pipelines.documents import Rejected
-from pipelines.media_checks import MediaLimits, check_audio, check_image, check_text, check_video
+from pipelines.shard.documents import Rejected
+from pipelines.shard.media_checks import (
+    MediaLimits,
+    check_audio,
+    check_image,
+    check_text,
+    check_video,
+)
 from tests import builders
 
 LIMITS = MediaLimits(max_image_pixels=50_000_000, max_media_bytes=64 * 2**20, video_probe_frames=2)

@@ -10,7 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from pipelines import pretokenize, shard, tokenizers_stage
+from pipelines.pretokenize import stage as pretokenize
+from pipelines.shard import stage as shard
+from pipelines.tokenizers import stage as tokenizers_stage
 from tests import builders
 from tests.conftest import SAMPLE_CORPUS, pipeline_config
 

@@ -21,7 +21,9 @@ import pytest
 import webdataset as wds
 
 from infra.services import MlflowServer, MotoServer
-from pipelines import pretokenize, shard, tokenizers_stage
+from pipelines.pretokenize import stage as pretokenize
+from pipelines.shard import stage as shard
+from pipelines.tokenizers import stage as tokenizers_stage
 from tests import builders
 from tests.conftest import pipeline_config, run_stage_in_own_ray, upload_folder
 from tests.pipelines.crash_hook import POISON

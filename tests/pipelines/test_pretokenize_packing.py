@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from pipelines import pretokenize
-from pipelines.pretokenize_packing import packing_plan
+from pipelines.pretokenize import stage as pretokenize
+from pipelines.pretokenize.packing import packing_plan
 from tests.conftest import REPO
 from tests.pipelines.test_pretokenize import EXPECTED, prepared, replicated
 
@@ -54,7 +54,7 @@ KILL_WHILE_PACKING = """
 import sys, ray
 ray.init(address="local", num_cpus=1, include_dashboard=False,
          runtime_env={"worker_process_setup_hook": "tests.pipelines.slow_packing.install"})
-from pipelines import pretokenize
+from pipelines.pretokenize import stage as pretokenize
 from pipelines.config import load_pipeline_config
 pretokenize.run(load_pipeline_config(sys.argv[1]))
 """

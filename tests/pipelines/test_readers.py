@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from infra.storage import Storage
-from pipelines.readers import READERS, InputWarning, SplitOptions
+from pipelines.shard.readers import READERS, InputWarning, SplitOptions
 from tests import builders
 
 STORAGE = Storage()

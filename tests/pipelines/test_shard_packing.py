@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from pipelines.readers import Split
-from pipelines.shard_packing import balanced_boundaries
-from pipelines.shard_plan import plan_shards
+from pipelines.shard.packing import balanced_boundaries
+from pipelines.shard.plan import plan_shards
+from pipelines.shard.readers import Split
 
 
 def test_known_answers() -> None:

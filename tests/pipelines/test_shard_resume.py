@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import shard
+from pipelines.shard import stage as shard
 from tests import builders
 from tests.conftest import pipeline_config
 

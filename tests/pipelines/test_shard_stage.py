@@ -13,9 +13,9 @@ import pytest
 
 from infra.services import MotoServer
 from infra.storage import Storage, StorageError
-from pipelines import shard
-from pipelines.readers import READERS, SplitOptions
-from pipelines.shard_plan import ScanContext, scan_file
+from pipelines.shard import stage as shard
+from pipelines.shard.plan import ScanContext, scan_file
+from pipelines.shard.readers import READERS, SplitOptions
 from tests import builders
 from tests.conftest import SAMPLE_CORPUS, pipeline_config, run_stage_in_own_ray, upload_folder
 from tests.pipelines.crash_hook import POISON

@@ -28,11 +28,11 @@ from typer.testing import CliRunner
 
 from infra.services import LocalService, free_port
 from infra.storage import Storage
-from pipelines import job_submission as jobs
-from pipelines import workflow
 from pipelines.cli import app
 from pipelines.config import load_pipeline_config
-from pipelines.stage_dag import pipeline_stages
+from pipelines.workflow import run as workflow
+from pipelines.workflow import submit as jobs
+from pipelines.workflow.dag import pipeline_stages
 from tests.builders import read_docs, write_jsonl
 from tests.conftest import REPO, SAMPLE_CORPUS
 
@@ -231,6 +231,9 @@ def test_ctrl_c_detaches_from_a_job_and_stop_ends_it(
     client = JobSubmissionClient(ray_head)
     # The shard stage's job, already running: `omni submit shard --wait` attaches to it.
     client.submit_job(entrypoint=SLOW_JOB, submission_id=job)
+    # Running before the CLI starts: `omni submit` answers within a second now, and would
+    # otherwise attach while the job is still PENDING (its runtime env being set up).
+    wait_for_status(client, job, "RUNNING")
     cli = subprocess.Popen(
         [sys.executable, "-m", "pipelines.cli", "submit", "shard", "-c", str(config),
          "--address", ray_head, "--wait"],

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from infra.config import validate
-from pipelines import job_submission as jobs
 from pipelines.config import PipelineConfig
+from pipelines.workflow import submit as jobs
 
 
 def config(tmp_path: Path, **sections: Any) -> PipelineConfig:
@@ -115,7 +115,7 @@ def test_a_failed_or_stopped_job_is_followed_by_a_new_attempt(tmp_path: Path) ->
     submission = jobs.submit(client, config(tmp_path), "shard", "omni-shard-a")
     assert (submission.submission_id, submission.attached) == ("omni-shard-a-r2", False)
     [sent] = client.submitted
-    assert sent["entrypoint"] == "python -m pipelines.job_submission shard"
+    assert sent["entrypoint"] == "python -m pipelines.workflow.submit shard"
     assert sent["metadata"]["omni.workspace"] == str(tmp_path / "ws")
     fresh = jobs.submit(FakeClient([]), config(tmp_path), "shard", "omni-shard-b")
     assert (fresh.submission_id, fresh.attached) == ("omni-shard-b", False)
@@ -132,7 +132,7 @@ def test_the_workflow_from_a_stage_is_its_own_job(tmp_path: Path) -> None:
     client = FakeClient([])
     jobs.submit(client, config(tmp_path), "run", "omni-run-from-train-a", start="train")
     [sent] = client.submitted
-    assert sent["entrypoint"] == "python -m pipelines.job_submission run --from train"
+    assert sent["entrypoint"] == "python -m pipelines.workflow.submit run --from train"
     assert jobs.job_label("run", "train") == "run-from-train" and jobs.job_label("shard") == "shard"
     with pytest.raises(SystemExit, match="usage"):
         jobs.job_main(["run", "--only", "train"])
@@ -143,8 +143,8 @@ def test_omni_run_with_a_remote_ray_address_submits_the_workflow(
 ) -> None:
     from typer.testing import CliRunner
 
-    from pipelines import workflow_cli
     from pipelines.cli import app
+    from pipelines.workflow import cli as workflow_cli
 
     calls: list[tuple] = []
     monkeypatch.setattr(workflow_cli, "_submit", lambda *args, **kw: calls.append((*args, kw)))

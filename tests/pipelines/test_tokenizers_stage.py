@@ -12,10 +12,11 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from infra.tracking import local_store
-from pipelines import shard, tokenizers_stage
 from pipelines.cli import app
-from pipelines.stage_dag import pipeline_stages
+from pipelines.shard import stage as shard
 from pipelines.summary import render_tokenizers_report
+from pipelines.tokenizers import stage as tokenizers_stage
+from pipelines.workflow.dag import pipeline_stages
 from tests.conftest import pipeline_config
 from tokenization.audio import AudioTokenizer, AudioTokenizerConfig
 from tokenization.bundle import Tokenizers

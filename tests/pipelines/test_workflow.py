@@ -19,10 +19,11 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 
 from infra.config import ConfigError, fingerprint
 from infra.storage import Storage, StorageConfig, StorageError
-from pipelines import workflow
 from pipelines.stage_state import SUCCESS, write_marker
-from pipelines.status import stage_statuses
-from pipelines.workflow import Stage, WorkflowConfig, is_transient
+from pipelines.workflow import run as workflow
+from pipelines.workflow.config import WorkflowConfig
+from pipelines.workflow.run import Stage, is_transient
+from pipelines.workflow.status import stage_statuses
 
 
 class ToyPipeline:

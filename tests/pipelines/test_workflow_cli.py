@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 from typer.testing import CliRunner
 
 from infra.storage import Storage
-from pipelines import workflow
 from pipelines.cli import app
 from pipelines.config import load_pipeline_config
-from pipelines.stage_dag import pipeline_stages
 from pipelines.train.fingerprints import data_fingerprint, expected_fingerprint
+from pipelines.workflow import run as workflow
+from pipelines.workflow.dag import pipeline_stages
 from tests.conftest import SAMPLE_CORPUS
 
 runner = CliRunner()
@@ -40,7 +40,7 @@ def test_dry_run_prints_each_stage_with_its_reason(tmp_path: Path) -> None:
     assert "run" in lines["shard"] and "no output yet" in lines["shard"]
     assert "upstream shard runs first" in lines["tokenizers"]
     assert "upstream pretokenize runs first" in lines["train"]
-    assert "pipelines.eval_stage" in lines["eval"] or "upstream train" in lines["eval"]
+    assert "pipelines.eval.stage" in lines["eval"] or "upstream train" in lines["eval"]
     assert not (tmp_path / "ws" / "shards").exists()  # a dry run writes nothing
 
 
@@ -85,8 +85,8 @@ def test_the_plan_expects_the_fingerprint_the_train_stage_writes(tmp_path: Path)
 def test_the_plan_expects_the_fingerprint_the_shard_stage_writes(tmp_path: Path) -> None:
     """``shard.expected_fingerprint`` on both sides (the submit test sees a real stage
     write the planned value): a shard setting changes it."""
-    from pipelines import shard
     from pipelines.corpus import expand_inputs
+    from pipelines.shard import stage as shard
 
     path = config_file(tmp_path)
 

@@ -16,6 +16,7 @@ import torch
 from tokenization.vocab import VocabLayout
 from training.attention import flash_attn_installed
 from training.autoregressive import ar_generate, ar_loss
+from training.config import CacheConfig, SamplerConfig
 from training.dfm import (
     MaskedPath,
     MetricPath,
@@ -28,7 +29,6 @@ from training.dfm import (
 from training.generation import generate
 from training.model import OmniModel
 from training.model_config import load_model_config
-from training.sampling import CacheConfig, SamplerConfig
 from training.static_ar import StaticArDecoder
 
 DEVICE = os.environ.get("OMNI_TEST_DEVICE", "cuda")

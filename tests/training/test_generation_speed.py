@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.sampling import CacheConfig, SamplerConfig
+from training.config import CacheConfig, SamplerConfig
 
 REPO = Path(__file__).resolve().parents[2]
 BENCHMARK = runpy.run_path(str(REPO / "benchmarks" / "generation_speed.py"))

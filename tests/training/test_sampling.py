@@ -14,6 +14,7 @@ from infra.config import ConfigError, validate
 from tokenization.sequences import MEDIA_MARKERS
 from tokenization.vocab import VocabLayout
 from training.caches import ResponseCache
+from training.config import CacheConfig
 from training.dfm import MaskedPath, MetricPath, MetricScheduler, PolynomialScheduler, UniformPath
 from training.generation import (
     choose_lengths,
@@ -28,7 +29,6 @@ from training.model_config import load_model_config
 from training.model_predictor import ModelPredictor
 from training.sampling import (
     FIXED,
-    CacheConfig,
     Canvas,
     SamplerConfig,
     Vocabulary,

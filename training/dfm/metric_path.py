@@ -25,11 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from training.config import DEFAULT_MAX_ELEMENTS
 from training.dfm.groups import VocabGroups
 from training.dfm.mixture_paths import END_TOL, per_position
 from training.dfm.schedulers import MetricScheduler
-
-DEFAULT_MAX_ELEMENTS = 1 << 24  # 64 MiB of float32 per (positions x V) block
 
 
 def metric_distance(a: Tensor, b: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ from infra.config import fingerprint
 from infra.storage import Storage, join
 from infra.tracking import tracked_run
 from pipelines.corpus import absolute
-from pipelines.documents import corpus_metadata, extension_of, media_type_of
+from pipelines.shard.documents import corpus_metadata, extension_of, media_type_of
 from pipelines.stage_state import (
     SUCCESS,
     begin_stage,

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from infra.storage import Storage
-from pipelines.document_validation import TokenCosts
-from pipelines.readers import READERS, Split
-from pipelines.shard_packing import balanced_boundaries
+from pipelines.shard.packing import balanced_boundaries
+from pipelines.shard.readers import READERS, Split
+from pipelines.shard.validation import TokenCosts
 
 
 @dataclass(frozen=True)

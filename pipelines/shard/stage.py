@@ -35,19 +35,20 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import ray
-from pydantic import Field
 from tqdm import tqdm
 
-from infra.config import Section, fingerprint, redact_uri
+from infra.config import redact_uri
 from infra.ray_runtime import connect, disconnect
 from infra.storage import TRANSIENT_ERRORS, Storage, StorageError, join
 from pipelines.corpus import InputFile, absolute, expand_inputs
-from pipelines.document_validation import TokenCosts, accept
-from pipelines.documents import RawDocument, Rejected
-from pipelines.media_checks import MediaLimits
 from pipelines.ray_units import find_crashing, run_units
-from pipelines.readers import READERS, InputWarning, Split, SplitOptions
-from pipelines.shard_plan import ScanContext, plan_shards, scan_file
+from pipelines.shard.config import ShardConfig
+from pipelines.shard.documents import RawDocument, Rejected
+from pipelines.shard.fingerprints import STAGE, expected_fingerprint
+from pipelines.shard.media_checks import MediaLimits
+from pipelines.shard.plan import ScanContext, plan_shards, scan_file
+from pipelines.shard.readers import READERS, InputWarning, Split, SplitOptions
+from pipelines.shard.validation import TokenCosts, accept
 from pipelines.stage_state import (
     RUNNING,
     SUCCESS,
@@ -61,8 +62,6 @@ from pipelines.stage_state import (
 
 if TYPE_CHECKING:
     from pipelines.config import PipelineConfig
-
-STAGE = "shard"
 
 SEGMENT_TYPE = pa.struct(
     [
@@ -100,35 +99,6 @@ MANIFEST_SCHEMA = pa.schema(
         ("signatures", pa.string()),
     ]
 )
-
-
-class ShardConfig(Section):
-    """The ``shard`` section. Token costs are estimates used only to balance shards."""
-
-    target_tokens: int = Field(1_000_000, gt=0, description="estimated tokens per output shard")
-    jsonl_split_bytes: int = Field(
-        256 * 1024, gt=0, description="JSONL bytes per planning split (much less than a shard)"
-    )
-    parquet_split_rows: int = Field(
-        256, gt=0, description="Parquet rows per planning split (much less than a shard)"
-    )
-    row_group_rows: int = Field(256, gt=0, description="rows per row group in output shards")
-    max_image_pixels: int = Field(
-        50_000_000, gt=0, description="images above this, read from the header, are rejected"
-    )
-    max_media_bytes: int = Field(512 * 2**20, gt=0, description="media files above are rejected")
-    video_probe_frames: int = Field(2, gt=0, description="frames decoded to validate a video")
-    text_bytes_per_token: float = Field(4.0, gt=0, description="UTF-8 bytes per BPE token")
-    tokens_per_image: int = Field(256, gt=0, description="image tokenizer: tokens per image")
-    audio_tokens_per_second: float = Field(12.5, gt=0, description="audio tokenizer token rate")
-    audio_seconds_estimate: float = Field(
-        10.0, gt=0, description="clip length assumed when planning, before audio is decoded"
-    )
-    video_frames: int = Field(8, gt=0, description="frames sampled per video by the tokenizer")
-    cpus_per_task: float = Field(1.0, gt=0, description="Ray CPUs reserved per task")
-    task_retries: int = Field(
-        3, ge=0, description="re-runs of a task whose worker died or hit a transient I/O error"
-    )
 
 
 @dataclass
@@ -321,12 +291,6 @@ def _crash_isolation(
         return {**row, "crashed": [[keys[i], position, reason] for i, position in culprits]}
 
     return isolate
-
-
-def expected_fingerprint(config: PipelineConfig, files: list[InputFile]) -> str:
-    """The fingerprint sharding ``files`` with ``config`` writes (``omni run`` plans with it)."""
-    identity = [(f.namespace, f.format, f.size, f.version) for f in files]
-    return fingerprint(STAGE, config.corpus, config.shard, identity)
 
 
 def _token_costs(shard: ShardConfig) -> TokenCosts:

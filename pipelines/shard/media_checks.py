@@ -17,7 +17,7 @@ import numpy as np
 import soundfile
 from PIL import Image
 
-from pipelines.documents import Rejected
+from pipelines.shard.documents import Rejected
 
 # The pixel limit is enforced by check_image from the header, before decoding; Pillow's own
 # bomb check would warn (or raise) with a less specific message, so it is switched off.

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from infra.storage import Storage
 from pipelines.corpus import absolute
-from pipelines.workflow import Stage, StagePlan, plan, read_markers, read_state
+from pipelines.workflow.run import Stage, StagePlan, plan, read_markers, read_state
 
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails

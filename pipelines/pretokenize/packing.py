@@ -2,7 +2,7 @@
 
 ``omni pretokenize`` works in two phases. First its actors tokenize input shards and
 stage, per shard and bucket, one tar ``tokens/_staged/<bucket>/<shard>.tar``, the shard's
-marker written last (``pipelines.pretokenize_worker``). A shard holds a few hundred
+marker written last (``pipelines.pretokenize.worker``). A shard holds a few hundred
 documents and a rare bucket a handful of their samples: published as they are, those
 would make hundreds of thousands of tiny objects on S3 at scale (listing, per-object
 latency, a shard shuffle that shuffles little). So, once every shard is done, each
@@ -27,7 +27,7 @@ from collections import defaultdict
 from typing import Any
 
 from infra.storage import join
-from pipelines.pretokenize_worker import WorkerSettings
+from pipelines.pretokenize.worker import WorkerSettings
 from tokenization.token_samples import read_tar, write_tar
 
 PACKED = "_packed"

@@ -1,6 +1,6 @@
 """The evaluation stage's public face: ``omni eval`` / ``omni sweep`` / ``omni generate`` /
-``omni eval compare`` (:mod:`pipelines.eval_cli`) and the workflow's eval stage
-(:mod:`pipelines.stage_dag`) call these; the work is in :mod:`pipelines.eval`.
+``omni eval compare`` (:mod:`pipelines.eval.cli`) and the workflow's eval stage
+(:mod:`pipelines.workflow.dag`) call these; the work is in :mod:`pipelines.eval`.
 
 Every evaluation is a child MLflow run of the training run, its headline metrics mirrored
 into the training run as ``eval/<metric>`` at the checkpoint's step. ``omni eval`` and

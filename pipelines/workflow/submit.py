@@ -28,11 +28,9 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
-
-from infra.config import ConfigError, Section, fingerprint, validate
+from infra.config import ConfigError, fingerprint, validate
 from infra.storage import Storage, StorageError
 from pipelines.corpus import absolute
 
@@ -41,7 +39,7 @@ if TYPE_CHECKING:
 
     from pipelines.config import PipelineConfig
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 CONFIG_ENV = "OMNI_CONFIG"  # the resolved config, JSON
 CWD_ENV = "OMNI_SUBMIT_CWD"  # the submitting directory
 DISTRIBUTION = "omni-dfm"
@@ -64,33 +62,6 @@ CORPUS_STAGES = ("shard", "run")  # only these read the raw corpus (examples/cor
 ACTIVE = ("PENDING", "RUNNING", "SUCCEEDED")  # a job with one of these states is attached to
 LOCAL_ADDRESSES = ("auto", "local")  # ray.address values (besides null) that mean "run here"
 DASHBOARD_PORT = 8265  # Ray's default port of the dashboard, which serves the Jobs API
-
-
-class RuntimeEnvSection(Section):
-    """What a submitted job carries besides the project's source."""
-
-    pip: Literal["pinned"] | list[str] | None = Field(
-        "pinned",
-        description="'pinned': the project's requirements at the versions installed here; "
-        "a list of requirements; null: none (the cluster's image has them, needs no network)",
-    )
-    image_uri: str | None = Field(
-        None, description="container image of the job (the requirements in it; pip not sent)"
-    )
-    excludes: list[str] = Field(
-        default_factory=list, description="more paths of the source tree not to upload"
-    )
-    env_vars: dict[str, str] = Field(
-        default_factory=dict, description="environment of the job (never put secrets here)"
-    )
-
-
-class SubmitConfig(Section):
-    """``omni submit``: how a job is packaged and what its driver reserves."""
-
-    runtime_env: RuntimeEnvSection = Field(default_factory=RuntimeEnvSection)
-    entrypoint_num_cpus: float = Field(0, ge=0, description="CPUs reserved for the job driver")
-    entrypoint_num_gpus: float = Field(0, ge=0, description="GPUs reserved for the job driver")
 
 
 # ------------------------------------------------------------------ where and what
@@ -276,7 +247,7 @@ def submit(
         latest = jobs[-1]
         return Submission(latest.submission_id, True, str(latest.status))
     submission_id = f"{base}-r{len(jobs)}" if jobs else base
-    entrypoint = f"python -m pipelines.job_submission {stage}"
+    entrypoint = f"python -m pipelines.workflow.submit {stage}"
     if start:
         entrypoint += f" --from {start}"
     client.submit_job(
@@ -327,7 +298,7 @@ def failure_reason(client: JobSubmissionClient, submission_id: str) -> str:
 def job_main(argv: list[str]) -> int:
     """The job's entrypoint: ``STAGE`` or ``run [--from STAGE]``, with the shipped config."""
     from pipelines.config import PipelineConfig
-    from pipelines.workflow_cli import execute
+    from pipelines.workflow.summary import execute
 
     stage, *rest = argv
     start = rest[1] if rest[:1] == ["--from"] and len(rest) == 2 else None

@@ -2,7 +2,7 @@
 
 Members are grouped by key over the whole tar, not by adjacency: ``tar cf x.tar dir/``
 without sorting scatters a sample's members (``0001.jpg``, ``0000.jpg``, ``0001.txt``), and
-such a tar is read whole, with one :class:`~pipelines.readers.base.InputWarning` saying it
+such a tar is read whole, with one :class:`~pipelines.shard.readers.base.InputWarning` saying it
 is not in WebDataset order (plain WebDataset readers would mis-group it). A tar is one
 shard, bounded in size, so it is read in one sequential pass (local, ``s3://``,
 compressed alike) and its samples are held until the pass ends.
@@ -25,9 +25,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from infra.storage import Storage
-from pipelines.documents import RawDocument, Rejected, extension_of, media_type_of
-from pipelines.media_checks import decode_utf8
-from pipelines.readers.base import InputWarning, Split, SplitOptions
+from pipelines.shard.documents import RawDocument, Rejected, extension_of, media_type_of
+from pipelines.shard.media_checks import decode_utf8
+from pipelines.shard.readers.base import InputWarning, Split, SplitOptions
 
 
 def sample_key(name: str) -> tuple[str, str]:

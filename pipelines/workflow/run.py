@@ -20,9 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
-
-from infra.config import ConfigError, Section
+from infra.config import ConfigError
 from infra.storage import TRANSIENT_ERRORS, Storage, join
 from pipelines.corpus import absolute
 from pipelines.stage_state import RUNNING, SUCCESS, read_marker, write_marker
@@ -32,28 +30,6 @@ if TYPE_CHECKING:
 
 STATE_DIR = "workflow"
 SUBMISSION_ENV = "OMNI_SUBMISSION_ID"  # set by ``omni submit`` in the job's environment
-
-
-class TaskResources(Section):
-    """What one Ray task holds while it runs (logical Ray resources)."""
-
-    num_cpus: float = Field(1.0, ge=0, description="CPUs the task holds")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs the task holds (1 = a whole GPU)")
-
-
-class WorkflowConfig(Section):
-    """How ``omni run`` retries a failing stage, and where its driver-side stages run."""
-
-    retries: int = Field(2, ge=0, description="extra attempts of a stage after a transient error")
-    backoff_s: float = Field(5.0, ge=0, description="wait before the first retry; doubles after")
-    tokenizers: TaskResources = Field(
-        default_factory=TaskResources,
-        description="the tokenizer warm-up's Ray task on a cluster (ray.address set)",
-    )
-    eval: TaskResources = Field(
-        default_factory=TaskResources,
-        description="the evaluation sweep's Ray task on a cluster (ray.address set)",
-    )
 
 
 Markers = dict[str, dict[str, Any] | None]

@@ -1,7 +1,7 @@
 """``omni pretokenize``: shards -> WebDataset token shards per bucket, exactly once.
 
 A pool of Ray actors, each loading the tokenizers once, takes input shards one at a time
-(``pipelines.pretokenize_worker``). An actor asks for ``pretokenize.num_gpus`` GPUs when
+(``pipelines.pretokenize.worker``). An actor asks for ``pretokenize.num_gpus`` GPUs when
 the cluster has any, CPUs otherwise; it encodes on CUDA when it got a GPU.
 
 An actor pool rather than Ray Data ``map_batches`` with an actor class: the unit
@@ -13,7 +13,7 @@ reloaded) and its task retried by Ray; shards are idempotent, so nothing is dupl
 
 The actors stage each shard's samples per bucket; once every shard is done, one Ray task
 per output tar packs each bucket's samples across shards into tars of
-``samples_per_tar`` (``pipelines.pretokenize_packing``), so a tar is a useful size however
+``samples_per_tar`` (``pipelines.pretokenize.packing``), so a tar is a useful size however
 small the input shards are.
 
 When a shard kills its actor on every retry, a medium in it crashes a decoder natively
@@ -36,16 +36,15 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import ray
 import torch
-from pydantic import Field
 from ray.exceptions import RayActorError, WorkerCrashedError
 from tqdm import tqdm
 
-from infra.config import Section, fingerprint
+from infra.config import fingerprint
 from infra.ray_runtime import connect, disconnect
 from infra.storage import Storage, join
 from pipelines.corpus import absolute
-from pipelines.pretokenize_packing import PACKED, pack_tar, packing_plan
-from pipelines.pretokenize_worker import (
+from pipelines.pretokenize.packing import PACKED, pack_tar, packing_plan
+from pipelines.pretokenize.worker import (
     STAGE,
     STAGED,
     WorkerSettings,
@@ -67,7 +66,6 @@ from pipelines.stage_state import (
     write_marker,
 )
 from tokenization.bundle import Tokenizers
-from tokenization.sequences import SequenceConfig
 
 if TYPE_CHECKING:
     from pipelines.config import PipelineConfig
@@ -82,23 +80,6 @@ MANIFEST_SCHEMA = pa.schema(
         ("sha256", pa.string()),
     ]
 )
-
-
-class PretokenizeConfig(Section):
-    """The ``pretokenize`` section."""
-
-    actors: int = Field(2, ge=1, description="actors in the pool (each loads the tokenizers)")
-    cpus_per_actor: float = Field(1.0, gt=0, description="Ray CPUs per actor; torch threads")
-    num_gpus: float = Field(1.0, ge=0, description="GPUs per actor when the cluster has GPUs")
-    image_batch: int = Field(32, gt=0, description="images (and video frames) per encode call")
-    audio_batch: int = Field(16, gt=0, description="audio clips per encode call")
-    samples_per_tar: int = Field(
-        2000, gt=0, description="samples per tar of a bucket (its last tar has the rest)"
-    )
-    pack_cpus: float = Field(0.5, gt=0, description="Ray CPUs per packing task (one per tar)")
-    eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of documents in 'eval'")
-    sequences: SequenceConfig = Field(default_factory=SequenceConfig)
-    max_restarts: int = Field(3, ge=0, description="restarts of an actor whose process died")
 
 
 @dataclass

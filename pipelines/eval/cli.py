@@ -1,5 +1,5 @@
 """``omni eval``, ``omni eval compare``, ``omni generate`` and ``omni sweep``: thin typer
-wrappers over :mod:`pipelines.eval_stage`, registered in :mod:`pipelines.cli`.
+wrappers over :mod:`pipelines.eval.stage`, registered in :mod:`pipelines.cli`.
 
 Exit codes: 0 done, 1 bad input (unknown run, no checkpoint, other vocabulary, wrong
 input file, storage; a checkpoint another sweep is evaluating now), 2 invalid config,
@@ -23,7 +23,7 @@ from infra.storage import StorageError
 
 if TYPE_CHECKING:
     from pipelines.config import PipelineConfig
-    from pipelines.eval_stage import SweepReport
+    from pipelines.eval.stage import SweepReport
 
 T = TypeVar("T")
 
@@ -109,7 +109,7 @@ def eval_command(
         return
     if config is None or run is None:
         _fail("omni eval needs --config FILE and --run RUN_ID (or: omni eval compare RUN...)", 2)
-    from pipelines import eval_stage
+    from pipelines.eval import stage as eval_stage
 
     result = _guarded(lambda: eval_stage.evaluate(_config(config, set_), run, checkpoint, suite))
     title = f"omni eval: run {result.run_id} step {result.step} suite {result.suite}"
@@ -131,7 +131,7 @@ def compare_command(
     """One table in the layout of the paper's ablation: understanding, generation,
     retrieval and their average per variant, mean +- spread over seeds; saved as an
     artifact of a `compare` run in the experiment."""
-    from pipelines import eval_stage
+    from pipelines.eval import stage as eval_stage
 
     report = _guarded(lambda: eval_stage.compare(_config(config, set_), runs, suite or None))
     console.print(report.table_markdown, soft_wrap=True, markup=False, highlight=False)
@@ -154,7 +154,7 @@ def generate_command(
 ) -> None:
     """Any-to-any generation from a checkpoint: a caption for an image or video, a
     transcript for an audio clip, an image or an audio clip for a text."""
-    from pipelines import eval_stage
+    from pipelines.eval import stage as eval_stage
 
     if to not in ("text", "image", "audio"):
         _fail(f"--to {to}: expected text, image or audio", 2)
@@ -185,7 +185,7 @@ def sweep_command(
     """Evaluate every checkpoint of the experiment's training runs that has no finished
     evaluation, once each, in step order; concurrent sweeps never evaluate one twice.
     Writes a report (table in Markdown and CSV, `sweep.png`) into the experiment."""
-    from pipelines import eval_stage
+    from pipelines.eval import stage as eval_stage
 
     if once == (every is not None):
         _fail("give exactly one of --once and --every SECONDS", 2)

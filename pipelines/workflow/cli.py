@@ -1,9 +1,10 @@
-"""The ``omni run``, ``omni submit`` and ``omni status`` commands and their summaries.
+"""The ``omni run``, ``omni submit`` and ``omni status`` commands.
 
-Thin wrappers, like every ``omni`` command: ``pipelines.workflow`` plans and runs the
-DAG of ``pipelines.stage_dag``, ``pipelines.job_submission`` talks to Ray Jobs and
-``pipelines.status`` reads the workspace; this module parses options, prints, and turns
-outcomes into exit codes (0 done, 1 a stage failed, 2 a config error).
+Thin wrappers, like every ``omni`` command: :mod:`.run` plans and runs the DAG of
+:mod:`.dag`, :mod:`.summary` prints what it did, :mod:`.submit` talks to Ray Jobs and
+:mod:`.status` reads the workspace; this module parses options, prints, and turns
+outcomes into exit codes (0 done, 1 a stage failed, 2 a config error). Ray and the stages
+are imported inside the commands, so ``--help`` and ``omni status`` never load them.
 """
 
 from __future__ import annotations
@@ -13,23 +14,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from infra import ray_runtime
-from infra.config import ConfigError, redact_uri
+from infra.config import ConfigError
 from infra.storage import Storage, StorageError
 from pipelines.config import load_pipeline_config
-from pipelines.stage_dag import pipeline_stages
-from pipelines.workflow import StagePlan, WorkflowReport, plan, run, select
+from pipelines.workflow.dag import pipeline_stages
+from pipelines.workflow.run import StagePlan, plan, select
+from pipelines.workflow.summary import console, errors, execute
 
 if TYPE_CHECKING:
     from pipelines.config import PipelineConfig
 
-console = Console()
-if not console.is_terminal:  # logs and pipes: wide enough that run ids and paths stay whole
-    console = Console(width=160)
-errors = Console(stderr=True)
 
 STAGE_HELP = "shard, tokenizers, pretokenize, train or eval"
 ConfigOption = Annotated[
@@ -77,63 +73,6 @@ def plan_table(plans: list[StagePlan]) -> Table:
     return table
 
 
-def _ui_hint(config: PipelineConfig, workspace: str, run_id: str) -> str:
-    """The command (or address) that opens the MLflow UI on the training run."""
-    from infra.tracking import open_experiment, tracking_uri
-
-    client, experiment_id = open_experiment(config.mlflow, workspace)
-    path = f"#/experiments/{experiment_id}/runs/{run_id}"
-    uri = tracking_uri(config.mlflow, workspace)
-    if uri.startswith("http"):
-        return f"open {redact_uri(uri).rstrip('/')}/{path}"
-    return (
-        f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
-        f"   then open http://127.0.0.1:5000/{path}"
-    )
-
-
-def render_summary(report: WorkflowReport, config: PipelineConfig) -> None:
-    """One screen: each stage's result and product, the MLflow run, the evaluation."""
-    table = Table(title=f"omni run: {report.workspace} ({report.seconds:.0f} s)",
-                  title_justify="left")  # fmt: skip
-    for column in ("stage", "result", "attempts", "seconds", "produced / why"):
-        table.add_column(column)
-    for outcome in report.outcomes:
-        detail = outcome.produced or outcome.reason
-        if outcome.status == "failed":
-            kind = "transient, retries used up" if outcome.transient else "not retried"
-            detail = f"{outcome.reason} ({kind})"
-        seconds = f"{outcome.seconds:.1f}" if outcome.attempts else ""
-        table.add_row(outcome.stage, outcome.status, str(outcome.attempts or ""), seconds, detail)
-    console.print(table)
-    trained = report.markers.get("train")
-    if trained:
-        console.print(f"MLflow run: {trained['run_id']} (experiment {config.mlflow.experiment})")
-        console.print(f"MLflow UI: {_ui_hint(config, report.workspace, trained['run_id'])}",
-                      soft_wrap=True)  # fmt: skip
-    evaluated = next((o.report for o in report.outcomes if o.stage == "eval" and o.report), None)
-    if evaluated is not None:
-        console.print(evaluated.sweep.table_markdown, soft_wrap=True)
-        if evaluated.sweep.plot_path:
-            console.print(f"plot: {evaluated.sweep.plot_path}")
-
-
-def execute(config: PipelineConfig, start: str | None = None, only: str | None = None) -> int:
-    """Run the workflow, print its summary, return the exit code."""
-    try:
-        report = run(config, pipeline_stages(), start=start, only=only,
-                     ray_session=lambda: ray_runtime.session(config.ray))  # fmt: skip
-    except ConfigError as exc:
-        errors.print(f"error: {exc}", highlight=False, soft_wrap=True)
-        return 2
-    render_summary(report, config)
-    failed = report.failed
-    if failed is None:
-        return 0
-    errors.print(f"error: {failed.stage}: {failed.reason}", highlight=False, soft_wrap=True)
-    return 2 if isinstance(failed.error, ConfigError) else 1
-
-
 def run_command(
     config: ConfigOption,
     set_: SetOption = None,
@@ -167,7 +106,7 @@ def run_command(
     Ray Job, shipped and attached to as `omni submit run --wait` does (`--only S`: the job
     of `omni submit S`); its logs stream here, Ctrl-C detaches.
     """
-    from pipelines import job_submission as jobs
+    from pipelines.workflow import submit as jobs
 
     pipeline = _load(config, set_)
     if dry_run:
@@ -238,7 +177,7 @@ def _submit(
     """Submit (or attach to) the job of ``target``; with ``wait``, follow it to its end."""
     from ray.job_submission import JobSubmissionClient
 
-    from pipelines import job_submission as jobs
+    from pipelines.workflow import submit as jobs
 
     client = JobSubmissionClient(address)
     try:
@@ -279,7 +218,7 @@ def status_command(
 ) -> None:
     """The pipeline's stages: done, running, failed or pending, with counts, durations,
     MLflow run id, Ray job id (with `--address`) and the reason of the last failure."""
-    from pipelines.status import stage_statuses
+    from pipelines.workflow.status import stage_statuses
 
     pipeline = _load(config, set_)
     jobs = None

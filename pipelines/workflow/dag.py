@@ -1,6 +1,6 @@
 """The pipeline's stage DAG: shard -> tokenizers -> pretokenize -> train -> eval.
 
-One :class:`~pipelines.workflow.Stage` per stage, in order: the folder of its markers,
+One :class:`~pipelines.workflow.run.Stage` per stage, in order: the folder of its markers,
 the fingerprint it would write now (over its config section and its upstream
 ``_SUCCESS.json`` fingerprints; shard and train through the ``expected_fingerprint`` the
 stage itself writes with, so the plan and the stage cannot drift), how to run it and how
@@ -26,19 +26,20 @@ from infra.config import fingerprint, public_dict
 from infra.storage import Storage, StorageError, join
 from pipelines.corpus import absolute
 from pipelines.stage_state import SUCCESS, read_marker, read_parquet
-from pipelines.workflow import Markers, Stage, TaskResources
+from pipelines.workflow.config import TaskResources
+from pipelines.workflow.run import Markers, Stage
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from pipelines.config import PipelineConfig
 
-EVAL_MODULE = "pipelines.eval_stage"
+EVAL_MODULE = "pipelines.eval.stage"
 
 
 def _shard_fingerprint(config: PipelineConfig, storage: Storage, markers: Markers) -> str | None:
     from pipelines.corpus import expand_inputs
-    from pipelines.shard import expected_fingerprint
+    from pipelines.shard.fingerprints import expected_fingerprint
 
     try:
         return expected_fingerprint(config, expand_inputs(config.corpus, storage))
@@ -83,7 +84,7 @@ def _eval_fingerprint(config: PipelineConfig, storage: Storage, markers: Markers
 
 
 def _run_shard(config: PipelineConfig) -> Any:
-    from pipelines import shard
+    from pipelines.shard import stage as shard
 
     return shard.run(config)
 
@@ -105,13 +106,13 @@ def _placed(
 
 
 def _run_tokenizers(config: PipelineConfig) -> Any:
-    from pipelines import tokenizers_stage
+    from pipelines.tokenizers import stage as tokenizers_stage
 
     return _placed(tokenizers_stage.run, config, config.workflow.tokenizers)
 
 
 def _run_pretokenize(config: PipelineConfig) -> Any:
-    from pipelines import pretokenize
+    from pipelines.pretokenize import stage as pretokenize
 
     return pretokenize.run(config)
 
@@ -127,7 +128,7 @@ class EvalOutcome:
     """The sweep of the training run's checkpoints; skipped when none was new."""
 
     run_id: str
-    sweep: Any  # pipelines.eval_stage.SweepReport
+    sweep: Any  # pipelines.eval.stage.SweepReport
     skipped: bool
 
 
@@ -148,7 +149,7 @@ def _run_eval(config: PipelineConfig) -> EvalOutcome:
 
 def _sweep_run(config: PipelineConfig, run_id: str) -> Any:
     """The eval stage's sweep: every new checkpoint of the workflow's training run."""
-    from pipelines import eval_stage
+    from pipelines.eval import stage as eval_stage
 
     return eval_stage.sweep(config, run_ids=[run_id])
 

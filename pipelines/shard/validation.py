@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from infra.storage import Storage, join
-from pipelines.documents import (
+from pipelines.shard.documents import (
     SEGMENT_TYPES,
     RawDocument,
     Rejected,
@@ -27,7 +27,7 @@ from pipelines.documents import (
     extension_of,
     signature,
 )
-from pipelines.media_checks import CHECKS, MediaInfo, MediaLimits, check_text, decode_utf8
+from pipelines.shard.media_checks import CHECKS, MediaInfo, MediaLimits, check_text, decode_utf8
 
 
 @dataclass(frozen=True)

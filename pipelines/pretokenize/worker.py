@@ -5,12 +5,12 @@ document, never the shard), then encoded in batches per modality: all texts in o
 call, images and video frames in image batches, audio clips in audio batches. Each
 document then yields its sequences per bucket (``tokenization.sequences``), staged as
 one WebDataset tar per bucket ``tokens/_staged/<bucket>/<shard>.tar`` and, last, a marker
-listing them; ``pipelines.pretokenize_packing`` then packs the staged samples of all
+listing them; ``pipelines.pretokenize.packing`` then packs the staged samples of all
 shards into tars of ``samples_per_tar``.
 
 A medium that crashes its decoder outright (a native segfault or abort, not a Python
 exception) kills the process instead; the driver then finds the document on its own
-(``pipelines.pretokenize``) and the shard is processed again with it passed in
+(``pipelines.pretokenize.stage``) and the shard is processed again with it passed in
 ``crashed``, so it is quarantined unread and the rest of the shard goes through.
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from infra.storage import Storage, join
-from pipelines.documents import corpus_metadata
+from pipelines.shard.documents import corpus_metadata
 from pipelines.stage_state import read_parquet
 from tokenization.audio import decode_audio
 from tokenization.bundle import Tokenizers

@@ -11,9 +11,9 @@ import json
 from collections.abc import Iterator
 
 from infra.storage import Storage
-from pipelines.documents import RawDocument, Rejected
-from pipelines.media_checks import decode_utf8
-from pipelines.readers.base import Split, SplitOptions
+from pipelines.shard.documents import RawDocument, Rejected
+from pipelines.shard.media_checks import decode_utf8
+from pipelines.shard.readers.base import Split, SplitOptions
 
 
 class JsonlReader:

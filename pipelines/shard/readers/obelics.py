@@ -14,8 +14,8 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from infra.storage import Storage
-from pipelines.documents import RawDocument, Rejected
-from pipelines.readers.base import Split, SplitOptions
+from pipelines.shard.documents import RawDocument, Rejected
+from pipelines.shard.readers.base import Split, SplitOptions
 
 REQUIRED_COLUMNS = ("texts", "images")
 

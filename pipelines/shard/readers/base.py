@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from infra.storage import Storage
-from pipelines.documents import RawDocument
+from pipelines.shard.documents import RawDocument
 
 
 class InputWarning(UserWarning):
