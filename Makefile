@@ -21,8 +21,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,examples]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) work/digits/docs.jsonl
 	$(BIN)/omni run --config $(CONFIG)
+
+# The demo's corpus, built once (same bytes every time): digits, speech, videos, sums.
+work/digits/docs.jsonl: | $(STAMP)
+	$(BIN)/omni examples digits --out work/digits
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -141,6 +141,7 @@ def batch_source(
     return BatchSource(
         SourceSettings(
             shards=inputs.shards,
+            eval_shards=inputs.eval_shards,
             shard_samples=inputs.shard_samples,
             weights=dict(weights or inputs.weights),
             seed=train.seed,

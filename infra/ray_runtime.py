@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pydantic import Field
 
 from infra.config import Section
+from infra.console_noise import quiet_libraries, quiet_local_ray_environment
 
 
 class RayConfig(Section):
@@ -30,15 +31,17 @@ class RayConfig(Section):
     include_dashboard: bool = Field(False, description="local only; costs ~1 GiB RSS")
 
 
-# Ray Train's placement-group cleaner asks the State API once a second whether the train
-# controller is alive; without the dashboard (off locally, see RayConfig) there is no State
-# API, and each failed query logged a warning: 70 of `make demo`'s 122 lines of output.
-TRAIN_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+def setup_worker() -> None:
+    """Setup hook of every worker of a local instance: drop the known library noise, and
+    point Ray's State API at this instance. Ray Train's placement-group cleaner queries
+    it with no address; with a second local Ray on the machine (another user's, a test
+    session's) the address lookup raised and printed a 30-line traceback on every run.
+    """
+    import ray
 
-
-def quiet_train_cleaner() -> None:
-    """Worker setup hook: drop the cleaner's warnings (its errors still show)."""
-    logging.getLogger(TRAIN_CLEANER_LOGGER).setLevel(logging.ERROR)
+    quiet_libraries()
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def connect(config: RayConfig) -> bool:
@@ -49,6 +52,7 @@ def connect(config: RayConfig) -> bool:
     """
     import ray
 
+    quiet_libraries()
     if ray.is_initialized():
         return False
     if config.address:
@@ -56,6 +60,7 @@ def connect(config: RayConfig) -> bool:
         return True
     # Ray 2.60 writes ~/.ray/auth_token unless told otherwise; a local instance needs none.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    quiet_local_ray_environment()
     ray.init(
         address="local",  # never attach by accident to another user's instance
         num_cpus=config.num_cpus,
@@ -63,9 +68,7 @@ def connect(config: RayConfig) -> bool:
         include_dashboard=config.include_dashboard,
         logging_level=logging.WARNING,
         log_to_driver=True,
-        runtime_env=None
-        if config.include_dashboard
-        else {"worker_process_setup_hook": "infra.ray_runtime.quiet_train_cleaner"},
+        runtime_env={"worker_process_setup_hook": "infra.ray_runtime.setup_worker"},
     )
     return True
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from infra.config import ConfigError
+from infra.console_noise import quiet_libraries
 from infra.storage import StorageError
 from pipelines.config import load_pipeline_config
 from pipelines.eval.cli import eval_app, generate_command, sweep_command
@@ -58,6 +59,7 @@ def main() -> None:
     # Local defaults that keep a laptop run quiet and offline; explicit env vars win.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    quiet_libraries()  # before a command imports DeepSpeed, torch or Ray Train
 
 
 def _fail(message: str, code: int) -> None:

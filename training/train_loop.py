@@ -82,10 +82,12 @@ class WorkerPlan:
     layout: dict[str, Any]
     codebooks: dict[str, np.ndarray]
     train: dict[str, Any]
-    shards: dict[str, list[str]]
+    shards: dict[str, list[str]]  # per bucket, the tars holding train samples
+    eval_shards: dict[str, list[str]]  # per bucket, the tars holding eval samples
     shard_samples: dict[str, int]  # samples per shard URI (the tokens manifest's counts)
     weights: dict[str, float]
     fingerprints: dict[str, str]
+    progress: Any = None  # a Ray actor rank 0 posts each step to (the driver's progress bar)
 
 
 @dataclass
@@ -236,7 +238,7 @@ class Trainer:
         options = self._storage_options()
         samples = {
             bucket: first_eval_samples(urls, cfg.eval_samples, cfg.max_length, options)
-            for bucket, urls in sorted(self.plan.shards.items())
+            for bucket, urls in sorted(self.plan.eval_shards.items())
         }
         validation = Validation(
             samples, self.rank, self.world, cfg.micro_batch_size, layout.special_id("<PAD>"),
@@ -327,6 +329,8 @@ class Trainer:
                     validate or last or self.step % self.cfg.log_every == 0
                 ):
                     self.log.log(self.step, result.metrics)
+                if self.rank == 0 and self.plan.progress is not None:
+                    self._post_progress(result.metrics)
                 if result.stop or last or self.step % self.cfg.checkpoint_every == 0:
                     self.checkpoint()
                 if result.stop:
@@ -337,6 +341,11 @@ class Trainer:
             self.source.close()
             if self.log is not None:
                 self.log.close()
+
+    def _post_progress(self, metrics: dict[str, float]) -> None:
+        """Post the step's loss and throughput to the driver's bar; never waits for it."""
+        headline = ("train/loss", "train/tokens_per_s")
+        self.plan.progress.post.remote(self.step, {k: metrics[k] for k in headline if k in metrics})
 
     def _control_flags(self) -> tuple[float, float]:
         """(stop, fenced) as rank 0 reads them; other ranks learn them in the all-reduce."""

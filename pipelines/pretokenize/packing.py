@@ -35,30 +35,52 @@ PACKED = "_packed"
 
 def packing_plan(staged: list[dict[str, Any]], samples_per_tar: int) -> list[dict[str, Any]]:
     """The output tars of every bucket from the staged tars ``[{"bucket", "path",
-    "samples"}]``: per bucket, its samples in (staged path, key) order cut into runs of
-    ``samples_per_tar`` (the last one shorter). Each row names the output ``path``
-    (``<bucket>/NNNNNN.tar``) and the ``slices`` ``[staged path, start, stop]`` it
-    copies, in order."""
-    by_bucket: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for entry in staged:
-        if entry["samples"]:
-            by_bucket[entry["bucket"]].append(entry)
+    "samples", "splits"}]``: per bucket and split, its samples in (staged path, key) order
+    cut into runs of ``samples_per_tar`` (the last one shorter). Each row names the output
+    ``path`` (``<bucket>/<split>-NNNNNN.tar``), its ``split`` and the ``slices``
+    ``[staged path, start, stop]`` it copies, in order.
+
+    One split per tar lets each rank take an equal share of the train split (and the
+    evaluation read only eval tars): a rank's contiguous range of a mixed run could hold
+    no train sample at all. A staged tar holds its splits in name order, one run each
+    (``pipelines.pretokenize.worker``); one from before splits were recorded
+    (no ``splits``) is packed as before, into mixed ``<bucket>/NNNNNN.tar``.
+    """
+    by_run: dict[tuple[str, str | None], list[tuple[str, int, int]]] = defaultdict(list)
+    for entry in sorted(staged, key=lambda e: e["path"]):
+        splits = entry.get("splits")
+        if splits is None:
+            by_run[(entry["bucket"], None)].append((entry["path"], 0, entry["samples"]))
+            continue
+        if sum(splits.values()) != entry["samples"]:
+            raise ValueError(f"{entry['path']}: split counts {splits} != {entry['samples']}")
+        offset = 0
+        for split in sorted(splits):
+            if splits[split]:
+                by_run[(entry["bucket"], split)].append(
+                    (entry["path"], offset, offset + splits[split])
+                )
+            offset += splits[split]
     rows = []
-    for bucket, entries in sorted(by_bucket.items()):
+    for (bucket, split), pieces in sorted(
+        by_run.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")
+    ):
         runs: list[list[list[Any]]] = [[]]
         filled = 0
-        for entry in sorted(entries, key=lambda e: e["path"]):
-            start = 0
-            while start < entry["samples"]:
+        for path, start, stop in pieces:
+            while start < stop:
                 if filled == samples_per_tar:
                     runs.append([])
                     filled = 0
-                take = min(samples_per_tar - filled, entry["samples"] - start)
-                runs[-1].append([entry["path"], start, start + take])
+                take = min(samples_per_tar - filled, stop - start)
+                runs[-1].append([path, start, start + take])
                 start, filled = start + take, filled + take
+        prefix = f"{split}-" if split is not None else ""
         for index, slices in enumerate(runs):
-            path = f"{bucket}/{index:06d}.tar"
-            rows.append({"name": path, "bucket": bucket, "path": path, "slices": slices})
+            path = f"{bucket}/{prefix}{index:06d}.tar"
+            rows.append(
+                {"name": path, "bucket": bucket, "split": split, "path": path, "slices": slices}
+            )
     return rows
 
 
@@ -68,7 +90,7 @@ def pack_marker(tokens_dir: str, path: str) -> str:
 
 def pack_tar(row: dict[str, Any], settings: WorkerSettings) -> dict[str, Any]:
     """Write one output tar of the plan (idempotent through its marker); its manifest
-    row: bucket, path, samples, tokens, bytes, sha256."""
+    row: bucket, split (None: both), path, samples, tokens, bytes, sha256."""
     storage, tokens_dir = settings.storage, settings.tokens_dir
     marker = pack_marker(tokens_dir, row["path"])
     if storage.exists(marker):
@@ -80,6 +102,7 @@ def pack_tar(row: dict[str, Any], settings: WorkerSettings) -> dict[str, Any]:
     storage.write_bytes(join(tokens_dir, row["path"]), data)
     entry = {
         "bucket": row["bucket"],
+        "split": row.get("split"),
         "path": row["path"],
         "samples": len(samples),
         "tokens": sum(int(json.loads(s["meta.json"])["length"]) for s in samples),

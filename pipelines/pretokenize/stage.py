@@ -73,6 +73,7 @@ if TYPE_CHECKING:
 MANIFEST_SCHEMA = pa.schema(
     [
         ("bucket", pa.string()),
+        ("split", pa.string()),  # "train" or "eval"; null: a tar of both (older workspaces)
         ("path", pa.string()),
         ("samples", pa.int64()),
         ("tokens", pa.int64()),

@@ -230,8 +230,13 @@ def process_shard(
     ]
     staged, stats = [], {}
     for bucket in sorted(samples):
-        ordered = sorted(samples[bucket], key=lambda s: s["__key__"])
-        lengths = [json.loads(s["meta.json"])["length"] for s in ordered]
+        metas = {s["__key__"]: json.loads(s["meta.json"]) for s in samples[bucket]}
+        # Split, then key: each split is one contiguous run, which packing cuts into tars
+        # of a single split (so every rank gets its share of each split).
+        ordered = sorted(
+            samples[bucket], key=lambda s: (metas[s["__key__"]]["split"], s["__key__"])
+        )
+        lengths = [metas[s["__key__"]]["length"] for s in ordered]
         stats[bucket] = {
             "samples": len(ordered),
             "tokens": int(sum(lengths)),
@@ -239,7 +244,10 @@ def process_shard(
         }
         path = staged_path(bucket, part)
         storage.write_bytes(join(settings.tokens_dir, path), write_tar(ordered))
-        staged.append({"bucket": bucket, "path": path, "samples": len(ordered)})
+        splits = Counter(metas[s["__key__"]]["split"] for s in ordered)
+        staged.append(
+            {"bucket": bucket, "path": path, "samples": len(ordered), "splits": dict(splits)}
+        )
     result = {
         "part": part,
         "staged": staged,

@@ -28,10 +28,12 @@ class TrainInputError(RuntimeError):
 
 @dataclass
 class TrainInputs:
-    """Token shards per bucket (URIs) and their sample counts, bucket weights, vocabulary
-    and fingerprints."""
+    """Token shards per bucket (URIs) for training (``shards``) and held-out loss
+    (``eval_shards``), sample counts per shard, bucket weights, vocabulary and
+    fingerprints. A tar of both splits (older workspaces) is in both lists."""
 
     shards: dict[str, list[str]]
+    eval_shards: dict[str, list[str]]
     shard_samples: dict[str, int]
     weights: dict[str, float]
     layout: dict
@@ -52,11 +54,16 @@ def gather_inputs(config: PipelineConfig, storage: Storage) -> TrainInputs:
         )
     manifest = read_parquet(storage, join(tokens_dir, "manifest.parquet")).to_pylist()
     shards: dict[str, list[str]] = {}
+    eval_shards: dict[str, list[str]] = {}
     shard_samples: dict[str, int] = {}
     for row in manifest:
         if row["samples"] > 0:
             uri = join(tokens_dir, row["path"])
-            shards.setdefault(row["bucket"], []).append(uri)
+            split = row.get("split")
+            if split in (None, "train"):
+                shards.setdefault(row["bucket"], []).append(uri)
+            if split in (None, "eval"):
+                eval_shards.setdefault(row["bucket"], []).append(uri)
             shard_samples[uri] = int(row["samples"])
     if not shards:
         raise TrainInputError(f"{tokens_dir}/manifest.parquet lists no token shard")
@@ -81,6 +88,7 @@ def gather_inputs(config: PipelineConfig, storage: Storage) -> TrainInputs:
     }
     return TrainInputs(
         shards={b: sorted(shards[b]) for b in weights},
+        eval_shards={b: sorted(eval_shards.get(b, [])) for b in weights},
         shard_samples={uri: shard_samples[uri] for b in weights for uri in shards[b]},
         weights={b: float(w) for b, w in weights.items()},
         layout=asdict(layout),

@@ -36,6 +36,7 @@ from pipelines.corpus import absolute
 from pipelines.stage_state import RUNNING, SUCCESS, begin_stage, success_payload, write_marker
 from pipelines.train.fingerprints import expected_fingerprint, train_sections
 from pipelines.train.inputs import TrainInputError, TrainInputs, gather_inputs
+from pipelines.train.progress import progress_bar
 from pipelines.train.recovery import RecoveryLog, error_cause
 from pipelines.train.resources import wait_for_workers
 from training.checkpointing import latest_complete, step_name
@@ -131,7 +132,7 @@ def run(
         plan = worker_plan(config, inputs, run_id, run_dir, uri, owner)
         with _stop_on_signals(control, owner) as stopping:
             try:
-                _fit(config.train, plan)
+                _fit(config.train, plan, resume_step or 0)
             except BaseException as error:
                 if stopping.is_set():
                     client.set_terminated(run_id, "KILLED")
@@ -186,7 +187,11 @@ def _finished_report(
         seconds=round(time.time() - started, 1),
         metrics=_loss_metrics(client, done["run_id"]),
         skipped=True,
-        notes=["already trained with this config on these tokens: nothing to do"],
+        notes=[
+            f"already trained with this config on these tokens: nothing to do (run "
+            f"{done['run_id']}); to train a new run, change a model/train setting (e.g. "
+            f"--set train.seed=1 or --set train.max_steps=N) or use another workspace"
+        ],
     )
 
 
@@ -222,6 +227,7 @@ def worker_plan(
         codebooks=inputs.codebooks,
         train=config.train.model_dump(mode="json"),
         shards=inputs.shards,
+        eval_shards=inputs.eval_shards,
         shard_samples=inputs.shard_samples,
         weights=inputs.weights,
         fingerprints=_fingerprints(config, inputs),
@@ -338,13 +344,19 @@ def _split(artifact: str) -> tuple[str, str]:
 # ---------------------------------------------------------------------------- Ray
 
 
-def _fit(train: TrainConfig, plan: WorkerPlan) -> None:
+def _fit(train: TrainConfig, plan: WorkerPlan, start: int) -> None:
+    """Run the workers to the end of the run, drawing a progress bar from rank 0's steps."""
+    with progress_bar(train.max_steps, start) as board:
+        _fit_workers(train, {**asdict(plan), "progress": board})
+
+
+def _fit_workers(train: TrainConfig, plan: dict[str, Any]) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=asdict(plan),
+        train_loop_config=plan,
         scaling_config=ScalingConfig(
             num_workers=train.num_workers,
             use_gpu=train.use_gpu,
@@ -352,15 +364,19 @@ def _fit(train: TrainConfig, plan: WorkerPlan) -> None:
         ),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=f"omni-{plan.run_id}-{plan.owner[:8]}",
+            name=f"omni-{plan['run_id']}-{plan['owner'][:8]}",
             storage_path=str(Path(tempfile.gettempdir()) / "omni-ray-train"),
             # A lost worker or node restarts the worker group, which resumes from the
             # latest complete checkpoint by itself; RecoveryLog makes each restart visible.
             failure_config=FailureConfig(max_failures=train.max_failures),
             callbacks=[
                 RecoveryLog(
-                    plan.tracking_uri, plan.run_id, train.max_failures, plan.storage, plan.run_dir
-                )
+                    plan["tracking_uri"],
+                    plan["run_id"],
+                    train.max_failures,
+                    plan["storage"],
+                    plan["run_dir"],
+                )  # fmt: skip
             ],
         ),
     )

@@ -42,6 +42,26 @@ def test_the_plan_cuts_each_bucket_into_runs_of_samples_per_tar() -> None:
     assert packing_plan(staged, samples_per_tar=5) == rows  # a rerun plans the same tars
 
 
+def test_the_plan_packs_each_split_into_its_own_tars() -> None:
+    """Staged tars hold their splits in name order (eval, then train): each split becomes
+    its own run of tars, so every rank's share of a bucket's train tars is train data."""
+    staged = [
+        {"bucket": "text", "path": "_staged/text/000000.tar", "samples": 6,
+         "splits": {"eval": 2, "train": 4}},
+        {"bucket": "text", "path": "_staged/text/000001.tar", "samples": 5,
+         "splits": {"train": 5}},
+    ]  # fmt: skip
+    rows = packing_plan(staged, samples_per_tar=4)
+    assert [(r["path"], r["split"], r["slices"]) for r in rows] == [
+        ("text/eval-000000.tar", "eval", [["_staged/text/000000.tar", 0, 2]]),
+        ("text/train-000000.tar", "train", [["_staged/text/000000.tar", 2, 6]]),
+        ("text/train-000001.tar", "train", [["_staged/text/000001.tar", 0, 4]]),
+        ("text/train-000002.tar", "train", [["_staged/text/000001.tar", 4, 5]]),
+    ]
+    with pytest.raises(ValueError, match="split counts"):
+        packing_plan([{**staged[0], "samples": 7}], samples_per_tar=4)
+
+
 def keys_per_bucket(tokens: Path) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for tar in sorted(tokens.glob("*/*.tar")):
@@ -122,11 +142,18 @@ def test_many_small_shards_make_few_full_tars_exactly_once_across_a_kill(
     assert {bucket: len(found) for bucket, found in keys.items()} == expected
     assert all(len(set(found)) == len(found) for found in keys.values())  # each once
     manifest = pq.read_table(tokens / "manifest.parquet").to_pylist()
-    tars = Counter(entry["bucket"] for entry in manifest)
-    assert dict(tars) == {b: math.ceil(n / per_tar) for b, n in expected.items()}
-    assert report.tars == len(manifest) < sum(expected.values()) / per_tar + len(expected)
-    for bucket in expected:  # full tars but the last of each bucket
-        sizes = sorted((e["samples"] for e in manifest if e["bucket"] == bucket), reverse=True)
+    runs: Counter[tuple[str, str]] = Counter()  # samples per (bucket, split)
+    for entry in manifest:
+        runs[(entry["bucket"], entry["split"])] += entry["samples"]
+    assert {b for b, _ in runs} == set(expected) and {s for _, s in runs} == {"train", "eval"}
+    assert {b: sum(n for (c, _), n in runs.items() if c == b) for b in expected} == expected
+    tars = Counter((entry["bucket"], entry["split"]) for entry in manifest)
+    assert dict(tars) == {run: math.ceil(n / per_tar) for run, n in runs.items()}
+    assert report.tars == len(manifest) < sum(expected.values()) / per_tar + len(runs)
+    for run in runs:  # one split per tar, full tars but the last of each bucket and split
+        mine = [e for e in manifest if (e["bucket"], e["split"]) == run]
+        assert all(e["path"].startswith(f"{run[0]}/{run[1]}-") for e in mine)
+        sizes = sorted((e["samples"] for e in mine), reverse=True)
         assert sizes[:-1] == [per_tar] * (len(sizes) - 1)
     assert not any((tokens / leftover).exists() for leftover in ("_done", "_staged", "_packed"))
     stats = json.loads((tokens / "stats.json").read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -158,6 +159,7 @@ def test_sigkill_then_resume_logs_the_uninterrupted_losses(
     assert got == expected  # bitwise on CPU
     again = train_stage.run(killed)  # finished with this config: nothing to do
     assert again.skipped and again.run_id == run_id and again.step == 20
+    assert "nothing to do" in again.notes[0] and "--set train.seed=1" in again.notes[0]
 
 
 def test_sigterm_checkpoints_and_marks_the_run_killed(
@@ -195,6 +197,21 @@ def test_sigterm_checkpoints_and_marks_the_run_killed(
     step = int(run.data.tags["checkpoint.latest"].rsplit("-", 1)[1])
     assert 0 < step < 400
     assert max(s for s, _ in losses(client, run.info.run_id)) == step
+    # The console: one progress bar fed from rank 0, no known library noise.
+    assert re.search(r"train: +\d+%.*\| *[1-9]\d*/400 .*loss=", out), out[-3000:]
+    for noise in NOISE:
+        assert noise not in out, (noise, out[-3000:])
+
+
+NOISE = (
+    "Setting accelerator to CPU",  # DeepSpeed
+    "all_gather_into_tensor",  # torch's FutureWarning through DeepSpeed
+    "PreemptionWatcher",  # Ray Train's watcher's C++ log line
+    "Failed to query Ray Train Controller",  # Ray Train's placement-group cleaner
+    "Attempting to start training worker group",  # Ray Train's banners
+    "Setting up process group",
+    "Traceback",
+)
 
 
 def _logged_steps(client: MlflowClient, experiment: str) -> int:

@@ -131,6 +131,7 @@ def main(spec_path: str, rank: int) -> None:
         codebooks=codebooks(),
         train=spec["train"],
         shards=spec["shards"],
+        eval_shards=spec.get("eval_shards", spec["shards"]),
         shard_samples={},
         weights=spec["weights"],
         fingerprints={},
