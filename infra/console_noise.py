@@ -22,6 +22,19 @@ TRAIN_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_gr
 DROPPED_MESSAGES: dict[str, tuple[str, ...]] = {
     # Printed by every process that imports DeepSpeed on a machine without a GPU.
     "DeepSpeed": ("Setting accelerator to CPU",),
+    # MLflow creating the tables of a new local store (every first run of a workspace).
+    "mlflow.store.db.utils": (
+        "Creating initial MLflow database tables",
+        "Updating database tables",
+    ),
+    # MLflow's system-metrics sampler (system/* metrics of a training run) starting and
+    # stopping on rank 0, and its note that a CPU machine has no GPU to sample.
+    "mlflow.system_metrics.system_metrics_monitor": (
+        "Started monitoring system metrics",
+        "Stopping system metrics monitoring",
+        "Successfully terminated system metrics monitoring",
+        "Skip logging GPU metrics",
+    ),
     # Ray Train's worker-group life cycle, which the progress bar and summary already show.
     "ray.train.v2._internal.execution.scaling_policy.scaling_policy": ("Requesting resources",),
     "ray.train.v2._internal.execution.worker_group.worker_group": (

@@ -115,6 +115,12 @@ class ModelConfig(Section):
         "linear", description="map from a frozen codebook vector to the hidden size"
     )
     gradient_checkpointing: bool = Field(False, description="recompute layers in backward")
+    response_positions: int = Field(
+        0,
+        ge=0,
+        description="DFM: learned embeddings of the first N response offsets, added to the "
+        "response tokens' inputs (later offsets share the last); 0 = none (rotary only)",
+    )
 
     @property
     def torch_dtype(self) -> torch.dtype:

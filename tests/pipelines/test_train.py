@@ -210,6 +210,7 @@ NOISE = (
     "Failed to query Ray Train Controller",  # Ray Train's placement-group cleaner
     "Attempting to start training worker group",  # Ray Train's banners
     "Setting up process group",
+    "system metrics monitoring",  # MLflow's sampler starting and stopping
     "Traceback",
 )
 

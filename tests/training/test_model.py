@@ -36,7 +36,10 @@ def codebooks() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def model() -> OmniModel:
     torch.manual_seed(0)
-    return OmniModel(load_model_config("tiny"), LAYOUT, codebooks()).eval()
+    model = OmniModel(load_model_config("tiny"), LAYOUT, codebooks()).eval()
+    # Trained values, not the zero init: every path must add the same response offsets.
+    torch.nn.init.normal_(model.response_position.weight, std=0.5)
+    return model
 
 
 def ids(batch: int, length: int, seed: int = 0, high: int = LAYOUT.size) -> torch.Tensor:
@@ -166,6 +169,22 @@ def test_eos_embedding_is_first_eos_hidden(model: OmniModel) -> None:
 
 
 # ---------------------------------------------------------------------- DFM caches
+
+
+@torch.no_grad()
+def test_response_positions_tell_the_masks_of_a_response_apart(model: OmniModel) -> None:
+    """Identical ``<MASK>`` inputs get their response offset's embedding (the instruction
+    none), so even a first layer tells them apart; zero-initialised, they change nothing."""
+    mask = LAYOUT.special_id("<MASK>")
+    sequence = torch.cat([ids(1, 4, seed=3), torch.full((1, 5), mask)], 1)
+    offsets = torch.arange(9)[None] - 4
+    inputs = model.embed(sequence, offsets)
+    torch.testing.assert_close(inputs[:, :4], model.embed(sequence)[:, :4])
+    table = model.response_position.weight
+    torch.testing.assert_close(inputs[0, 4:] - model.embed(sequence)[0, 4:], table[:5])
+    fresh = OmniModel(load_model_config("tiny"), LAYOUT, codebooks()).eval()
+    assert fresh.response_position.num_embeddings == 64
+    torch.testing.assert_close(fresh.embed(sequence, offsets), fresh.embed(sequence))
 
 
 @torch.no_grad()

@@ -410,7 +410,10 @@ def model() -> OmniModel:
         "image": torch.randn(16, 8, generator=gen),
         "audio": torch.randn(12, 6, generator=gen),
     }
-    return OmniModel(load_model_config("tiny", UNTIED), LAYOUT, codebooks).eval()
+    model = OmniModel(load_model_config("tiny", UNTIED), LAYOUT, codebooks).eval()
+    # Trained values, not the zero init: every cached path must add the same offsets.
+    torch.nn.init.normal_(model.response_position.weight, std=0.5)
+    return model
 
 
 def instructions() -> tuple[Tensor, Tensor]:
