@@ -29,7 +29,7 @@ work/digits/docs.jsonl: | $(STAMP)
 	$(BIN)/omni examples digits --out work/digits
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/shard_throughput.py
