@@ -70,9 +70,11 @@ def run_probe(
     batch: int = 32,
     lr: float = 3e-3,
     seed: int = 0,
+    response_positions: int | None = None,
 ) -> list[ProbePoint]:
     """Train ``tiny`` for up to ``steps`` steps; score every ``every`` steps (None: at the
-    end only) and stop early once the score reaches ``stop_at``."""
+    end only) and stop early once the score reaches ``stop_at``. ``response_positions``
+    overrides the preset's (0 = rotary positions only)."""
     torch.manual_seed(seed)
     digits = load_digits()
     images = np.minimum(digits.images * 4 / 17, 3).astype(np.int64).reshape(-1, 64)
@@ -86,7 +88,10 @@ def run_probe(
         [s.tokens[:67] for s in digit_samples(labels[held_out], images[held_out])]
     )
     codebooks = {"image": torch.linspace(0, 1, 4)[:, None].repeat(1, 4), "audio": torch.eye(4)}
-    model = OmniModel(load_model_config("tiny"), LAYOUT, codebooks)
+    config = load_model_config("tiny")
+    if response_positions is not None:
+        config = config.model_copy(update={"response_positions": response_positions})
+    model = OmniModel(config, LAYOUT, codebooks)
     path = build_path(PathConfig(), LAYOUT) if objective == "dfm" else None
     loss_of = Objective(model, objective, path, "cross_entropy")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95))
