@@ -70,7 +70,7 @@ def logged_run(tmp_path: Path, **train: object) -> str:
     data = json.loads(config_file(tmp_path, train=train).read_text())
     config = PipelineConfig.model_validate(data)
     client, experiment = open_experiment(config.mlflow, config.workspace)
-    inputs = TrainInputs({}, {}, {}, {}, {"image": np.zeros(1)}, "data", "layout")
+    inputs = TrainInputs({}, {}, {}, {}, {}, {"image": np.zeros(1)}, "data", "layout")
     return create_run(client, experiment, config, inputs)
 
 
