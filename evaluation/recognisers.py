@@ -89,6 +89,19 @@ class Recogniser:
         """Whether a sample of class ``label`` can be judged (its class was fitted)."""
         return label in self.classes
 
+    def judged(
+        self, samples: Sequence[TokenSample], prefix: str, notes: list[str]
+    ) -> tuple[list[int], list[str]]:
+        """The indices and labels of the ``samples`` this recogniser can judge; a note in
+        ``notes`` says how many it cannot."""
+        indices = [i for i, sample in enumerate(samples) if self.judges(label_of(sample))]
+        if len(indices) < len(samples):
+            notes.append(
+                f"{prefix}: {len(samples) - len(indices)} of {len(samples)} eval samples have "
+                f"no label the recogniser knows ({len(self.classes)} classes): not judged"
+            )
+        return indices, [str(label_of(samples[i])) for i in indices]
+
     def accuracy(self, inputs: Any, labels: Sequence[str]) -> float:
         """Share of ``inputs`` recognised as their label."""
         if len(labels) == 0:

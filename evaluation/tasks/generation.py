@@ -24,7 +24,7 @@ from torch import Tensor
 from evaluation.anytoany import generate_batch
 from evaluation.media_io import grid, mel_to_waveform, png_bytes, wav_bytes
 from evaluation.metrics import image_quality, label_scores, mel_l1
-from evaluation.recognisers import label_of, span_ids
+from evaluation.recognisers import span_ids
 from evaluation.sample_grid import Example
 from evaluation.tasks.base import EXAMPLES, TaskContext, TaskResult, batches, split_sample
 from tokenization.token_samples import TokenSample
@@ -157,15 +157,9 @@ def _recognise(
     judge = context.recogniser(medium, result, prefix)
     if judge is None:
         return
-    labelled = [i for i, sample in enumerate(samples) if judge.judges(label_of(sample))]
-    if len(labelled) < len(samples):
-        result.notes.append(
-            f"{prefix}: {len(samples) - len(labelled)} of {len(samples)} eval samples have "
-            f"no label the recogniser knows ({len(judge.classes)} classes): not judged"
-        )
+    labelled, labels = judge.judged(samples, prefix, result.notes)
     if not labelled:
         return
-    labels = [str(label_of(samples[i])) for i in labelled]
     predicted = judge.predict(generated)
     scores = label_scores([predicted[i] for i in labelled], labels, judge.classes, judge.majority)
     truth = judge.predict(references)

@@ -19,7 +19,7 @@ import torch
 
 from evaluation.anytoany import generate_batch
 from evaluation.metrics import bleu, exact_match, label_scores, wer, within_one_block
-from evaluation.recognisers import label_of, span_ids
+from evaluation.recognisers import span_ids
 from evaluation.sample_grid import Example, Media
 from evaluation.tasks.base import EXAMPLES, TaskContext, TaskResult, batches, split_sample
 from tokenization.token_samples import TokenSample
@@ -92,15 +92,9 @@ def _recognise(
     judge = context.recogniser("text", result, prefix)
     if judge is None:
         return
-    labelled = [i for i, sample in enumerate(samples) if judge.judges(label_of(sample))]
-    if len(labelled) < len(samples):
-        result.notes.append(
-            f"{prefix}: {len(samples) - len(labelled)} of {len(samples)} eval samples have "
-            f"no label the recogniser knows ({len(judge.classes)} classes): not judged"
-        )
+    labelled, labels = judge.judged(samples, prefix, result.notes)
     if not labelled:
         return
-    labels = [str(label_of(samples[i])) for i in labelled]
     scores = label_scores(
         judge.predict([predictions[i] for i in labelled]), labels, judge.classes, judge.majority
     )

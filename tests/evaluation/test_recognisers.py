@@ -7,6 +7,7 @@ import torch
 
 from evaluation.metrics import exact_match, label_scores
 from evaluation.recognisers import fit_audio, fit_image, fit_text, mel_features
+from tokenization.token_samples import TokenSample
 
 
 def bars(label: int, count: int, seed: int) -> torch.Tensor:
@@ -48,6 +49,14 @@ def test_text_recogniser_reads_the_class_and_never_credits_an_empty_text() -> No
     assert judge.accuracy(["", "two"], ["0", "2"]) == 0.5
     assert judge.classes == ["0", "1", "2"]
     assert judge.judges("1") and not judge.judges("42") and not judge.judges(None)
+    samples = [
+        TokenSample(str(i), torch.zeros(1), torch.zeros(1), {"label": label} if label else {})
+        for i, label in enumerate(["2", None, "42", 1])
+    ]
+    notes: list[str] = []
+    assert judge.judged(samples, "understanding/x", notes) == ([0, 3], ["2", "1"])
+    assert notes == ["understanding/x: 2 of 4 eval samples have no label the recogniser "
+                     "knows (3 classes): not judged"]  # fmt: skip
 
 
 def test_audio_recogniser_handles_clips_of_any_length() -> None:
