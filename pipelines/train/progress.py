@@ -72,4 +72,7 @@ def progress_bar(max_steps: int, start: int, enabled: bool = True) -> Iterator[A
     finally:
         stop.set()
         thread.join(timeout=15)
-        ray.kill(board)
+        try:
+            ray.kill(board)
+        except Exception:  # the cluster went away with the run: its error is the one to see
+            pass
