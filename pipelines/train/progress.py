@@ -9,6 +9,7 @@ worker group posts to the same board, so the bar goes on from the step it resume
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,7 +73,6 @@ def progress_bar(max_steps: int, start: int, enabled: bool = True) -> Iterator[A
     finally:
         stop.set()
         thread.join(timeout=15)
-        try:
+        # The cluster may have gone with the run: its error is the one to see.
+        with contextlib.suppress(Exception):
             ray.kill(board)
-        except Exception:  # the cluster went away with the run: its error is the one to see
-            pass
