@@ -111,11 +111,13 @@ def encode_sample(key: str, sequence: TokenSequence, meta: dict[str, Any]) -> di
     }
 
 
-def write_tar(samples: list[dict[str, bytes]]) -> bytes:
+def write_tar(samples: list[dict[str, bytes]], sort: bool = True) -> bytes:
     """A WebDataset tar of ``samples`` in memory, byte-identical for the same samples.
 
-    Samples are sorted by key (duplicates refused), members of a sample by name (TarWriter
-    does that); TarWriter takes a fixed mtime, owner and mode, and uid/gid stay 0. PAX
+    Samples are sorted by key unless ``sort`` is False (then in the caller's order, which
+    must itself be deterministic: pretokenize stages a bucket's samples split by split, and
+    packing cuts them by that order). Duplicates are refused; members of a sample are in
+    name order (TarWriter does that); TarWriter takes a fixed mtime, owner and mode, and uid/gid stay 0. PAX
     format, so long keys are allowed (USTAR stops at 100-character names).
     """
     keys = [_check_key(sample["__key__"]) for sample in samples]
@@ -131,7 +133,7 @@ def write_tar(samples: list[dict[str, bytes]]) -> bytes:
         mtime=TAR_MTIME,
         format="PAX_FORMAT",
     ) as writer:
-        for sample in sorted(samples, key=lambda s: s["__key__"]):
+        for sample in sorted(samples, key=lambda s: s["__key__"]) if sort else samples:
             writer.write(sample)
     return buffer.getvalue()
 

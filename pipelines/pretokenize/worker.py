@@ -232,7 +232,8 @@ def process_shard(
     for bucket in sorted(samples):
         metas = {s["__key__"]: json.loads(s["meta.json"]) for s in samples[bucket]}
         # Split, then key: each split is one contiguous run, which packing cuts into tars
-        # of a single split (so every rank gets its share of each split).
+        # of a single split (so every rank gets its share of each split). The tar keeps
+        # this order (sort=False): sorted by key, the runs would interleave.
         ordered = sorted(
             samples[bucket], key=lambda s: (metas[s["__key__"]]["split"], s["__key__"])
         )
@@ -243,7 +244,7 @@ def process_shard(
             "histogram": dict(Counter(length_bin(n) for n in lengths)),
         }
         path = staged_path(bucket, part)
-        storage.write_bytes(join(settings.tokens_dir, path), write_tar(ordered))
+        storage.write_bytes(join(settings.tokens_dir, path), write_tar(ordered, sort=False))
         splits = Counter(metas[s["__key__"]]["split"] for s in ordered)
         staged.append(
             {"bucket": bucket, "path": path, "samples": len(ordered), "splits": dict(splits)}

@@ -335,6 +335,8 @@ def test_pretokenize_keeps_declared_splits_and_labels(
     buckets = Counter(sample.meta["bucket"] for sample in samples)
     assert set(buckets) == {"image2text", "text2image", "audio2text", "text2audio",
                             "video2text", "text2video", "interleaved"}  # fmt: skip
+    for tar in (tmp_path / "ws/tokens").glob("*/*.tar"):  # a tar holds its own split only
+        assert {s.meta["split"] for s in read_token_samples([str(tar)])} == {tar.name[:-11]}
     disagreeing = 0
     for sample in samples:
         document = by_native_id[sample.meta["native_id"]]

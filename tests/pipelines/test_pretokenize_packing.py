@@ -153,6 +153,9 @@ def test_many_small_shards_make_few_full_tars_exactly_once_across_a_kill(
     for run in runs:  # one split per tar, full tars but the last of each bucket and split
         mine = [e for e in manifest if (e["bucket"], e["split"]) == run]
         assert all(e["path"].startswith(f"{run[0]}/{run[1]}-") for e in mine)
+        for entry in mine:  # and each sample in it is of that split
+            tar = wds.WebDataset([str(tokens / entry["path"])], shardshuffle=False)
+            assert {json.loads(s["meta.json"])["split"] for s in tar} == {run[1]}
         sizes = sorted((e["samples"] for e in mine), reverse=True)
         assert sizes[:-1] == [per_tar] * (len(sizes) - 1)
     assert not any((tokens / leftover).exists() for leftover in ("_done", "_staged", "_packed"))

@@ -123,6 +123,15 @@ def test_read_tar_is_the_inverse_of_write_tar() -> None:
     assert write_tar(read) == data
 
 
+def test_write_tar_unsorted_keeps_the_callers_order() -> None:
+    """Pretokenize stages a bucket split by split and packing slices it by that order: a
+    tar re-sorted by key would put the other split's samples into each slice."""
+    encoded = sorted(samples(), key=lambda s: s["__key__"], reverse=True)
+    assert [s["__key__"] for s in read_tar(write_tar(encoded, sort=False))] == [
+        s["__key__"] for s in encoded
+    ]
+
+
 def test_several_shards_are_read_in_file_order(tmp_path: Path) -> None:
     encoded = samples()
     second = write(tmp_path / "b.tar", write_tar(encoded[:1]))
