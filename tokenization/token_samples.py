@@ -117,8 +117,8 @@ def write_tar(samples: list[dict[str, bytes]], sort: bool = True) -> bytes:
     Samples are sorted by key unless ``sort`` is False (then in the caller's order, which
     must itself be deterministic: pretokenize stages a bucket's samples split by split, and
     packing cuts them by that order). Duplicates are refused; members of a sample are in
-    name order (TarWriter does that); TarWriter takes a fixed mtime, owner and mode, and uid/gid stay 0. PAX
-    format, so long keys are allowed (USTAR stops at 100-character names).
+    name order (TarWriter does that); TarWriter takes a fixed mtime, owner and mode, and
+    uid/gid stay 0. PAX format, so long keys are allowed (USTAR stops at 100-character names).
     """
     keys = [_check_key(sample["__key__"]) for sample in samples]
     if len(set(keys)) != len(keys):
