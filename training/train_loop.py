@@ -25,7 +25,7 @@ import math
 import os
 import tempfile
 import time
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from infra.storage import Storage, StorageConfig, join
+from infra.worker_log import worker_log
 from tokenization.vocab import VocabLayout
 from training.batch_source import BatchSource, SourcePosition, SourceSettings
 from training.checkpointing import (
@@ -88,6 +89,7 @@ class WorkerPlan:
     weights: dict[str, float]
     fingerprints: dict[str, str]
     progress: Any = None  # a Ray actor rank 0 posts each step to (the driver's progress bar)
+    log_dir: str = ""  # each rank's full log goes to <log_dir>/rank-<r>.log ("" = none)
 
 
 @dataclass
@@ -106,7 +108,18 @@ def train_worker(plan: dict[str, Any]) -> None:
     if not plan["train"]["use_gpu"]:
         _cpu_collectives()
     context = ray.train.get_context()
-    Trainer(WorkerPlan(**plan), context.get_world_rank(), context.get_world_size()).train()
+    worker = WorkerPlan(**plan)
+    rank = context.get_world_rank()
+    with ExitStack() as stack:
+        if worker.log_dir:
+            storage = Storage(StorageConfig.model_validate(worker.storage))
+            stack.enter_context(worker_log(storage, worker.log_dir, rank))
+        Trainer(worker, rank, context.get_world_size()).train()
+
+
+def _brief(metrics: dict[str, float]) -> str:
+    """A step's metrics on one line of the worker log, most significant digits only."""
+    return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
 
 
 def _cpu_collectives() -> None:
@@ -325,10 +338,10 @@ class Trainer:
                 )
                 if validate:
                     result.metrics.update(self.validate())
-                if self.log is not None and (
-                    validate or last or self.step % self.cfg.log_every == 0
-                ):
-                    self.log.log(self.step, result.metrics)
+                if validate or last or self.step % self.cfg.log_every == 0:
+                    log.info("step %d: %s", self.step, _brief(result.metrics))
+                    if self.log is not None:
+                        self.log.log(self.step, result.metrics)
                 if self.rank == 0 and self.plan.progress is not None:
                     self._post_progress(result.metrics)
                 if result.stop or last or self.step % self.cfg.checkpoint_every == 0:
@@ -526,6 +539,7 @@ class Trainer:
             }
             (folder / TRAINER_STATE).write_text(json.dumps(trainer, indent=2))
         self.writer.finish(step, barrier=dist.barrier)
+        log.info("checkpoint of step %d written (rank %d)", step, self.rank)
 
     def _save_consolidated(self, folder: Path) -> None:
         """``OmniModel.save`` of the full weights, rank 0 writes; under ZeRO-3 every rank

@@ -32,6 +32,7 @@ from infra.config import ConfigError, apply_overrides, fingerprint
 from infra.ray_runtime import connect, disconnect
 from infra.storage import Storage, is_remote, join
 from infra.tracking import Tracker, open_experiment, tracking_uri
+from infra.worker_log import worker_log_dir
 from pipelines.corpus import absolute
 from pipelines.stage_state import RUNNING, SUCCESS, begin_stage, success_payload, write_marker
 from pipelines.train.fingerprints import expected_fingerprint, train_sections
@@ -67,6 +68,7 @@ class TrainReport:
     tracking_uri: str
     seconds: float
     metrics: dict[str, float] = field(default_factory=dict)
+    logs: str | None = None  # the folder of the workers' full logs
     skipped: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -156,6 +158,7 @@ def run(
         tracking_uri=uri,
         seconds=round(time.time() - started, 1),
         metrics=_loss_metrics(client, run_id),
+        logs=worker_log_dir(workspace, STAGE, run_id),
         notes=notes,
     )
     if status == "FINISHED":
@@ -186,6 +189,7 @@ def _finished_report(
         tracking_uri=tracking_uri(config.mlflow, workspace),
         seconds=round(time.time() - started, 1),
         metrics=_loss_metrics(client, done["run_id"]),
+        logs=worker_log_dir(workspace, STAGE, done["run_id"]),
         skipped=True,
         notes=[
             f"already trained with this config on these tokens: nothing to do (run "
@@ -231,6 +235,7 @@ def worker_plan(
         shard_samples=inputs.shard_samples,
         weights=inputs.weights,
         fingerprints=_fingerprints(config, inputs),
+        log_dir=worker_log_dir(absolute(config.workspace), STAGE, run_id),
     )
 
 

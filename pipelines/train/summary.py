@@ -23,6 +23,8 @@ def render_train_report(report: TrainReport, console: Console, config: Path | st
         table.add_row(name, f"{value:.4f}")
     table.add_row("checkpoints", report.checkpoints)
     table.add_row("latest", report.latest_checkpoint or "none")
+    if report.logs is not None:
+        table.add_row("worker logs", report.logs)
     table.add_row("seconds", f"{report.seconds:.1f}")
     console.print(table)
     for note in report.notes:

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from infra import ray_runtime
 from infra.config import ConfigError, redact_uri
+from infra.worker_log import worker_log_dir
 from pipelines.workflow.dag import pipeline_stages
 from pipelines.workflow.run import WorkflowReport, run
 
@@ -59,6 +60,8 @@ def render_summary(report: WorkflowReport, config: PipelineConfig) -> None:
         console.print(f"MLflow run: {trained['run_id']} (experiment {config.mlflow.experiment})")
         console.print(f"MLflow UI: {_ui_hint(config, report.workspace, trained['run_id'])}",
                       soft_wrap=True)  # fmt: skip
+        logs = worker_log_dir(report.workspace, "train", trained["run_id"])
+        console.print(f"worker logs: {logs}/rank-*.log", soft_wrap=True)
     evaluated = next((o.report for o in report.outcomes if o.stage == "eval" and o.report), None)
     if evaluated is not None:
         console.print(evaluated.sweep.table_markdown, soft_wrap=True)

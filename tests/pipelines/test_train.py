@@ -61,6 +61,12 @@ def test_two_workers_train_track_and_checkpoint(
     assert {"git.commit", "config.fingerprint", "data.fingerprint"} <= set(tags)
     run_dir = Path(config.workspace) / "checkpoints" / report.run_id
     assert tags["checkpoint.latest"] == str(run_dir / "step-0000020")
+    # Each rank's full log: the steps and checkpoints the console does not show.
+    assert report.logs == str(Path(config.workspace) / "logs" / "train" / report.run_id)
+    for rank in (0, 1):
+        text = (Path(report.logs) / f"rank-{rank}.log").read_text()
+        assert text.startswith(f"==== rank {rank}: pid ") and "step 20: " in text
+        assert f"checkpoint of step 20 written (rank {rank})" in text
     # keep_last=2: steps 15 and 20 remain, each with a tag; 5 and 10 were pruned with theirs
     assert complete_steps_local(run_dir) == [15, 20]
     assert {k for k in tags if k.startswith("checkpoint.step-")} == {
