@@ -211,10 +211,12 @@ def test_a_killed_actor_is_restarted_and_nothing_is_lost_or_doubled(
     while not (markers.exists() and list(markers.glob("*.json"))):
         assert time.monotonic() < deadline and worker.is_alive()
         time.sleep(0.05)
+    # This session's Ray runs under this process: never an actor of another test run's.
+    ours = {child.pid for child in psutil.Process().children(recursive=True)}
     victims = [
         p
         for p in psutil.process_iter(["cmdline"])
-        if any("PretokenizeActor" in part for part in (p.info["cmdline"] or []))
+        if p.pid in ours and any("PretokenizeActor" in part for part in (p.info["cmdline"] or []))
     ]
     assert victims, "no actor process found"
     os.kill(victims[0].pid, signal.SIGKILL)
