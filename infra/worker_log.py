@@ -78,20 +78,21 @@ def worker_log(storage: Storage, directory: str, rank: int) -> Iterator[str]:
     handler.setFormatter(logging.Formatter(FORMAT))
     root = logging.getLogger()
     loggers = [root, *(logging.getLogger(name) for name in OWN_HANDLERS)]
-    level, console_level = root.level, root.getEffectiveLevel()
+    level = root.level
     stdout, stderr = sys.stdout, sys.stderr
-    # The root logs INFO for the file; the console keeps what it showed: its handlers get
-    # the old level, and where there were none (Python's last resort printed warnings),
-    # a stderr handler stands in for it.
+    # The root logs INFO for the file; the console shows warnings and errors only: the
+    # root's handlers (Ray's in its workers) are raised to WARNING while the block runs,
+    # and where there were none (Python's last resort printed warnings), a stderr handler
+    # stands in for it.
     console = [] if root.handlers else [logging.StreamHandler(stderr)]
-    lowered = [h for h in root.handlers if h.level == logging.NOTSET]
-    for h in lowered + console:
-        h.setLevel(console_level)
+    raised = {h: h.level for h in root.handlers if h.level < logging.WARNING}
+    for h in [*raised, *console]:
+        h.setLevel(logging.WARNING)
     for logger in loggers:
         logger.addHandler(handler)
     for h in console:
         root.addHandler(h)
-    root.setLevel(min(console_level, logging.INFO))
+    root.setLevel(min(root.getEffectiveLevel(), logging.INFO))
     sys.stdout, sys.stderr = _Tee(stdout, stream), _Tee(stderr, stream)
     try:
         yield uri
@@ -104,8 +105,8 @@ def worker_log(storage: Storage, directory: str, rank: int) -> Iterator[str]:
             logger.removeHandler(handler)
         for h in console:
             root.removeHandler(h)
-        for h in lowered:
-            h.setLevel(logging.NOTSET)
+        for h, was in raised.items():
+            h.setLevel(was)
         root.setLevel(level)
         stream.close()
         if remote:

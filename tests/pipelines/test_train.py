@@ -207,6 +207,10 @@ def test_sigterm_checkpoints_and_marks_the_run_killed(
     assert re.search(r"train: +\d+%.*\| *[1-9]\d*/400 .*loss=", out), out[-3000:]
     for noise in NOISE:
         assert noise not in out, (noise, out[-3000:])
+    # The workers' INFO records go to their log files only.
+    assert not re.search(r"step \d+: \S+=", out), out[-3000:]
+    [log_dir] = (Path(config.workspace) / "logs" / "train").iterdir()
+    assert re.search(rf"step {step}: \S+=", (log_dir / "rank-0.log").read_text())
 
 
 NOISE = (
