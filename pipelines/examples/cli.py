@@ -48,6 +48,13 @@ def digits(
     videos: Annotated[int, typer.Option(help="Drifting-digit videos.")] = 600,
     sums: Annotated[int, typer.Option(help="Interleaved sums of digits.")] = 600,
     spoken_written: Annotated[int, typer.Option(help="Interleaved spoken + written digits.")] = 400,
+    caption_templates: Annotated[
+        int | None,
+        typer.Option(
+            help="Use only the first N caption templates of images and videos "
+            "(default: all; 1: one fixed template, which a small DFM run can learn)."
+        ),
+    ] = None,
 ) -> None:
     """Build the digits corpus: handwritten digits, spoken numbers, videos, interleaved.
 
@@ -71,6 +78,7 @@ def digits(
         videos=videos,
         sums=sums,
         spoken_written=spoken_written,
+        caption_templates=caption_templates,
     )
     try:
         with console.status(f"building the digits corpus in {out} ..."):

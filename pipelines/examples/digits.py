@@ -71,12 +71,17 @@ class DigitsOptions:
     videos: int = 600
     sums: int = 600
     spoken_written: int = 400
+    # Caption templates used, the first N of each task's (None: all). One template makes
+    # the captions learnable by a small DFM run (README, "What the demo learns").
+    caption_templates: int | None = None
 
     def check(self) -> None:
         if self.image_size < 16 or self.image_size % 2:
             raise InvalidOptions(f"--image-size must be even and >= 16, got {self.image_size}")
         if self.limit is not None and self.limit < 2:
             raise InvalidOptions(f"--limit must be >= 2 (one per split), got {self.limit}")
+        if self.caption_templates is not None and self.caption_templates < 1:
+            raise InvalidOptions(f"--caption-templates must be >= 1, got {self.caption_templates}")
         counts = ("clips_per_digit", "numbers_per_voice", "videos", "sums", "spoken_written")
         for name in counts:
             if getattr(self, name) < 0:
@@ -225,11 +230,16 @@ def limited(items: list[Any], limit: int | None, split_of: Callable[[Any], str])
     return [item for i, item in enumerate(items) if i in kept]
 
 
+def _templates(templates: tuple[str, ...], options: DigitsOptions) -> int:
+    """How many of a task's caption templates to draw from (the first ones)."""
+    return min(len(templates), options.caption_templates or len(templates))
+
+
 def _caption_documents(
     images: DigitImages, media: _MediaWriter, options: DigitsOptions
 ) -> list[dict[str, Any]]:
     rng = _rng(options, "caption")
-    templates = rng.integers(len(IMAGE_CAPTIONS), size=len(images.labels))
+    templates = rng.integers(_templates(IMAGE_CAPTIONS, options), size=len(images.labels))
     indices = limited(list(range(len(images.labels))), options.limit, images.split.__getitem__)
     documents = []
     for index in indices:
@@ -281,7 +291,7 @@ def _video_documents(
     count = min(options.videos, len(images.labels))
     sources = np.sort(rng.choice(len(images.labels), size=count, replace=False))
     directions = rng.integers(len(video.DIRECTIONS), size=count)
-    templates = rng.integers(len(VIDEO_CAPTIONS), size=count)
+    templates = rng.integers(_templates(VIDEO_CAPTIONS, options), size=count)
     planned = limited(list(range(count)), options.limit, lambda k: images.split[sources[k]])
     glyphs = media.glyphs([int(sources[number]) for number in planned])
     documents = []

@@ -10,6 +10,7 @@ from collections import Counter
 from typing import Any
 
 from pipelines.examples.speech import EVAL_VARIANTS, TRAIN_VARIANTS
+from pipelines.examples.words import IMAGE_CAPTIONS, VIDEO_CAPTIONS
 
 _FLAGS = {
     "image_size": "--image-size",
@@ -43,6 +44,12 @@ def readme_text(options: dict[str, Any], counts: Counter) -> str:
     total_eval = sum(n for (_, split), n in counts.items() if split == "eval")
     rows.append(f"| all | {total_train} | {total_eval} | {total_train + total_eval} |")
     table = "\n".join(rows)
+    chosen = options.get("caption_templates")
+
+    def templates(available: int) -> str:
+        used = min(available, chosen or available)
+        return "one template" if used == 1 else f"{used} templates"
+
     return f"""# Digits: a learnable omnimodal corpus
 
 Built by `{command_line(options)}` (the same command gives the same bytes).
@@ -60,12 +67,12 @@ Every document has `id`, `task`, `split` (`train` or `eval`) and `segments`; doc
 one class also have `label`, the number as digits (`"7"`, or `"42"` for a spoken 42).
 
 - `caption`: a handwritten digit and a caption naming it ("a handwritten seven", "the
-  digit 7", ...: eight templates).
+  digit 7", ...: {templates(len(IMAGE_CAPTIONS))}).
 - `speech`: a clip of a digit or a number from 10 to 99 and its transcript ("seven",
   "forty two"); also `voice` (eSpeak accent + variant), `variant`, `rate` (words per
   minute) and `pitch`.
 - `video`: a digit drifting `left`, `right`, `up` or `down` over 8 frames and its caption
-  ("a seven drifting left"); also `direction`.
+  ("a seven drifting left", ...: {templates(len(VIDEO_CAPTIONS))}); also `direction`.
 - `interleaved`: `kind` `sum` ("three [image] plus four [image] makes seven [image]",
   `digits` [a, b, a + b], no label) or `spoken_written` (one digit heard and seen, with
   `label` and `voice`).

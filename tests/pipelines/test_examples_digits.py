@@ -187,6 +187,38 @@ def test_labels_captions_and_media_agree(corpus: Path, digits) -> None:
             assert named_digits(words) == {int(label)}
 
 
+def test_caption_templates_keeps_the_first_n_of_each_task_and_changes_nothing_else(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """The default draws from every template; ``--caption-templates 1`` captions every
+    image and video with the first one, and the other documents stay byte for byte."""
+    shapes = {(d["task"], caption_shape(d)) for d in documents(corpus) if d["task"] != "speech"}
+    assert len({s for t, s in shapes if t == "caption"}) > 4
+    build(tmp_path / "one", "--limit", str(LIMIT), "--no-speech", "--caption-templates", "1")
+    build(tmp_path / "all", "--limit", str(LIMIT), "--no-speech")
+    one, every = documents(tmp_path / "one"), documents(tmp_path / "all")
+    assert {caption_shape(d) for d in one if d["task"] == "caption"} == {"a handwritten W"}
+    assert {caption_shape(d) for d in one if d["task"] == "video"} == {"A drifting D"}
+    assert [d for d in one if d["task"] == "interleaved"] == [
+        d for d in every if d["task"] == "interleaved"
+    ]
+    assert "one template" in (tmp_path / "one" / "README.md").read_text()
+    result = runner.invoke(app, ["examples", "digits", "--out", str(tmp_path / "bad"),
+                                 "--caption-templates", "0"])  # fmt: skip
+    assert result.exit_code == 2 and "--caption-templates must be >= 1" in result.output
+
+
+def caption_shape(document: dict) -> str:
+    """The caption with its digit as W (a word), N (a numeral) or A (with its article), and
+    a video's direction as D."""
+    text = " ".join(texts(document))
+    for digit in range(10):
+        text = re.sub(rf"\b{re.escape(with_article(number_words(digit)))}\b", "A", text)
+        text = re.sub(rf"\b{number_words(digit)}\b", "W", text)
+        text = re.sub(rf"\b{digit}\b", "N", text)
+    return re.sub(r"\b(left|right|up|down)\b", "D", text)
+
+
 def test_eval_voices_and_images_are_never_seen_in_train(corpus: Path, digits) -> None:
     docs = documents(corpus)
     transcripts = {p: texts(d)[0] for d in docs if d["task"] == "speech" for p in paths(d, "audio")}
