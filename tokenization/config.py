@@ -55,6 +55,9 @@ class QuantizerConfig(Section):
     dead_code_threshold: float = Field(
         0.03, ge=0, description="EMA assignments per step below which a code is restarted"
     )
+    init_restarts: int = Field(
+        4, ge=1, description="k-means runs when the codebook is seeded from data (best kept)"
+    )
 
     @model_validator(mode="after")
     def _divisible(self) -> QuantizerConfig:

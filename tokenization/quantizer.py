@@ -254,12 +254,14 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def initialise_from(
-        self, vectors: torch.Tensor, generator: torch.Generator | None = None, restarts: int = 4
+        self, vectors: torch.Tensor, generator: torch.Generator | None = None
     ) -> None:
-        """Seed every sub-codebook with k-means of ``vectors`` (M, dim), best of ``restarts``,
-        e.g. the encoder's outputs on the whole training set; the EMA statistics start from
-        the cluster sizes (scaled to a mean of 1, the unit of the dead-code threshold)."""
+        """Seed every sub-codebook with k-means of ``vectors`` (M, dim), best of the config's
+        ``init_restarts`` runs, e.g. the encoder's outputs on the whole training set; the EMA
+        statistics start from the cluster sizes (scaled to a mean of 1, the unit of the
+        dead-code threshold)."""
         k, d = self.config.num_codebooks, self.sub_dim
+        restarts = self.config.init_restarts
         flat = vectors.reshape(-1, k, d)
         for i in range(k):
             centres, sizes = kmeans(

@@ -144,3 +144,20 @@ def test_initialise_from_seeds_the_codebook_with_kmeans_and_quantises_exactly() 
     out = vq(centres.unsqueeze(0))
     assert torch.allclose(out.quantized, centres.unsqueeze(0), atol=1e-4)
     assert len(set(out.ids.flatten().tolist())) == 8
+
+
+@pytest.mark.parametrize("restarts", [1, 3])
+def test_initialise_from_runs_the_configured_number_of_kmeans_restarts(
+    monkeypatch: pytest.MonkeyPatch, restarts: int
+) -> None:
+    """``init_restarts`` is the seeding's cost knob (most of a short warm-up's time)."""
+    runs: list[int] = []
+    lloyd = quantizer_module._lloyd
+    monkeypatch.setattr(
+        quantizer_module, "_lloyd", lambda fit, *a: runs.append(len(fit)) or lloyd(fit, *a)
+    )
+    config = QuantizerConfig(codebook_size=8, dim=4, ema_decay=0.9, init_restarts=restarts)
+    VectorQuantizer(config).initialise_from(
+        clustered(20, torch.randn(8, 4) * 5, 0.1), torch.Generator().manual_seed(0)
+    )
+    assert len(runs) == restarts
