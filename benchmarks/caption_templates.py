@@ -23,13 +23,14 @@ import platform
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from infra.storage import Storage
-from pipelines.config import load_pipeline_config
-from pipelines.train.inputs import gather_inputs
+from pipelines.config import PipelineConfig, load_pipeline_config
+from pipelines.train.inputs import TrainInputs, gather_inputs
 from pipelines.train.stage import model_config
 from tokenization.bundle import Tokenizers
 from tokenization.token_samples import TokenSample, read_token_samples
@@ -66,7 +67,18 @@ def one_template(sample: TokenSample, tokens: Tokenizers, layout: VocabLayout) -
     )
 
 
-def run_arm(config, inputs, tokens, train, held, objective, steps, every, batch, lr) -> list:
+def run_arm(
+    config: PipelineConfig,
+    inputs: TrainInputs,
+    tokens: Tokenizers,
+    train: list[TokenSample],
+    held: list[TokenSample],
+    objective: str,
+    steps: int,
+    every: int,
+    batch: int,
+    lr: float,
+) -> list[dict[str, Any]]:
     """Train one arm from the same seed; its accuracy every ``every`` steps."""
     layout = VocabLayout(**inputs.layout)
     codebooks = {m: torch.tensor(np.asarray(inputs.codebooks[m])) for m in MEDIA}
@@ -118,7 +130,7 @@ def run_arm(config, inputs, tokens, train, held, objective, steps, every, batch,
                     )
                     for sample, row in zip(chunk, rows, strict=True):
                         ids = np.asarray(row.tolist())
-                        kinds, local = layout.to_local(ids[layout.modality_of(ids) == 0])
+                        _, local = layout.to_local(ids[layout.modality_of(ids) == 0])
                         caption = tokens.text.decode(local.tolist()) if len(ids) else ""
                         right += named_digit(caption) == sample.meta["label"]
                         shown.append(caption)
