@@ -67,12 +67,12 @@ Every document has `id`, `task`, `split` (`train` or `eval`) and `segments`; doc
 one class also have `label`, the number as digits (`"7"`, or `"42"` for a spoken 42).
 
 - `caption`: a handwritten digit and a caption naming it ("a handwritten seven", "the
-  digit 7", ...: {templates(len(IMAGE_CAPTIONS))}).
+  digit 7", ...: {templates(len(IMAGE_CAPTIONS))}; the digit is always the third word).
 - `speech`: a clip of a digit or a number from 10 to 99 and its transcript ("seven",
   "forty two"); also `voice` (eSpeak accent + variant), `variant`, `rate` (words per
   minute) and `pitch`.
 - `video`: a digit drifting `left`, `right`, `up` or `down` over 8 frames and its caption
-  ("a seven drifting left", ...: {templates(len(VIDEO_CAPTIONS))}); also `direction`.
+  ("a handwritten seven drifting left", ...: {templates(len(VIDEO_CAPTIONS))}); also `direction`.
 - `interleaved`: `kind` `sum` ("three [image] plus four [image] makes seven [image]",
   `digits` [a, b, a + b], no label) or `spoken_written` (one digit heard and seen, with
   `label` and `voice`).

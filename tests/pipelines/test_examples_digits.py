@@ -163,6 +163,8 @@ def test_labels_captions_and_media_agree(corpus: Path, digits) -> None:
         words = " ".join(texts(document))
         if task in ("caption", "video"):
             assert named_digits(words) == {int(label)}
+            # the third word, always: DFM at the demo's size learns one place (words.py)
+            assert named_digits(words.split()[2]) == {int(label)}, words
             [medium] = paths(document, "image") or paths(document, "video")
             if task == "caption":
                 assert digits.labels[image_index(medium)] == int(label)
@@ -198,7 +200,7 @@ def test_caption_templates_keeps_the_first_n_of_each_task_and_changes_nothing_el
     build(tmp_path / "all", "--limit", str(LIMIT), "--no-speech")
     one, every = documents(tmp_path / "one"), documents(tmp_path / "all")
     assert {caption_shape(d) for d in one if d["task"] == "caption"} == {"a handwritten W"}
-    assert {caption_shape(d) for d in one if d["task"] == "video"} == {"A drifting D"}
+    assert {caption_shape(d) for d in one if d["task"] == "video"} == {"a handwritten W drifting D"}
     assert [d for d in one if d["task"] == "interleaved"] == [
         d for d in every if d["task"] == "interleaved"
     ]
