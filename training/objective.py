@@ -12,6 +12,8 @@ micro-batch or the rank that saw it.
 * ``rec_image`` / ``rec_audio``: squared error between ``OmniModel.reconstruct`` and the
   frozen codebook vector of the clean id, at the same corrupted positions of that
   modality, averaged over the vector's dimensions (see ``training/model.py``).
+* ``align`` (when ``align_temperature`` is set, on ``X2text`` micro-batches only): the
+  ``<EOS>`` InfoNCE of ``training/alignment.py``, summed over the micro-batch's pairs.
 
 Corruption happens in :meth:`Objective.prepare`, before any forward pass, with a generator
 seeded per micro-batch: the counts of the window are known before its first backward, and
@@ -27,17 +29,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from training.alignment import Pairs, contrastive_sum, pairs_of
 from training.dfm import ProbPath, cross_entropy_sum, generalized_kl_sum
 from training.micro_batch import MicroBatch
 from training.model import MEDIA, OmniModel
-from training.train_config import LOSS_TERMS
+from training.train_config import WINDOW_TERMS
 
 
 @dataclass
 class Prepared:
     """A micro-batch ready for the forward pass: ``inputs`` Long[B, L] (``x_t`` for DFM, the
     clean ids for AR), ``targets`` Long[B, L] clean ids aligned with the scored positions,
-    ``scored`` Bool[B, L], ``t`` Float[B] (DFM; zeros for AR), ``counts`` per term."""
+    ``scored`` Bool[B, L], ``t`` Float[B] (DFM; zeros for AR), ``counts`` per term,
+    ``pairs``: the alignment term's (medium, text) pairs, or None."""
 
     batch: MicroBatch
     inputs: Tensor
@@ -45,6 +49,7 @@ class Prepared:
     scored: Tensor
     t: Tensor
     counts: dict[str, int]
+    pairs: Pairs | None = None
 
 
 class Objective(nn.Module):
@@ -56,22 +61,41 @@ class Objective(nn.Module):
     ``anchor``, a zero that depends on every head, added to the loss so each parameter
     gets a gradient (zero if unused) in every micro-batch on every rank, which ZeRO's
     gradient reduction expects.
+
+    ``align_temperature``: adds the ``align`` term (``training/alignment.py``) at that
+    InfoNCE temperature; None = off.
     """
 
-    def __init__(self, model: OmniModel, kind: str, path: ProbPath | None, loss: str) -> None:
+    def __init__(
+        self,
+        model: OmniModel,
+        kind: str,
+        path: ProbPath | None,
+        loss: str,
+        align_temperature: float | None = None,
+    ) -> None:
         super().__init__()
         if kind not in ("dfm", "ar"):
             raise ValueError(f"unknown objective {kind!r}; expected dfm or ar")
         if kind == "dfm" and path is None:
             raise ValueError("the dfm objective needs a probability path")
         self.model, self.kind, self.path, self.loss = model, kind, path, loss
+        self.align_temperature = align_temperature
 
     # ------------------------------------------------------------------ before the forward
 
     def prepare(self, batch: MicroBatch, generator: torch.Generator) -> Prepared:
-        """Corrupt (DFM) or shift (AR) ``batch`` on its device; count each term's tokens."""
-        if self.kind == "ar":
-            return self._prepare_ar(batch)
+        """Corrupt (DFM) or shift (AR) ``batch`` on its device; count each term's tokens
+        (the ``align`` term counts pairs)."""
+        prepared = (
+            self._prepare_ar(batch) if self.kind == "ar" else self._prepare_dfm(batch, generator)
+        )
+        if self.align_temperature is not None:
+            prepared.pairs = pairs_of(batch, self.model.layout)
+            prepared.counts["align"] = 0 if prepared.pairs is None else len(batch.keys)
+        return prepared
+
+    def _prepare_dfm(self, batch: MicroBatch, generator: torch.Generator) -> Prepared:
         ids, response = batch.ids, batch.response_mask
         t = torch.rand(ids.shape[0], generator=generator, device=ids.device)
         xt = self.path.sample(ids, t, response, generator)
@@ -105,6 +129,7 @@ class Objective(nn.Module):
         targets: Tensor,
         scored: Tensor,
         t: Tensor,
+        pairs: Pairs | None = None,
     ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         model = self.model
         if self.kind == "ar":
@@ -114,6 +139,10 @@ class Objective(nn.Module):
                 inputs, attention_mask=attention_mask, instruction_lengths=instruction_lengths
             )
         sums = self.term_sums(hidden, inputs, targets, scored, t)
+        if pairs is not None:
+            media = model.eos_embedding(pairs.media, pairs.media_mask)
+            texts = model.eos_embedding(pairs.texts, pairs.text_mask)
+            sums["align"] = contrastive_sum(media, texts, pairs.positives, self.align_temperature)
         return sums, hidden, self._anchor(hidden)
 
     def term_sums(
@@ -187,5 +216,5 @@ def window_scales(totals: Mapping[str, float], world: int, grad_accum: int) -> d
     return {
         term: world * grad_accum / float(n)
         for term, n in totals.items()
-        if term in LOSS_TERMS and n
+        if term in WINDOW_TERMS and n
     }

@@ -15,7 +15,10 @@ from pydantic import Field, field_validator, model_validator
 from infra.config import Section
 from training.config import PathConfig
 
-LOSS_TERMS = ("ce", "rec_image", "rec_audio")
+LOSS_TERMS = ("ce", "rec_image", "rec_audio")  # the terms GradNorm balances
+# Every term the trainer sums, counts and logs: the balanced ones and the <EOS> alignment
+# (training/alignment.py), which takes its fixed train.alignment_weight instead.
+WINDOW_TERMS = (*LOSS_TERMS, "align")
 
 
 class ModelSection(Section):
@@ -90,6 +93,15 @@ class TrainConfig(Section):
     loss_weights: dict[str, float] = Field(
         default_factory=lambda: {"ce": 1.0, "rec_image": 1.0, "rec_audio": 1.0},
         description="lambda1..3 of L_ce, L_rec^V, L_rec^A (GradNorm's start when gradnorm)",
+    )
+    alignment_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the <EOS> InfoNCE between each X2text pair's medium and text "
+        "(cross-modal retrieval, training/alignment.py); 0 = off",
+    )
+    alignment_temperature: float = Field(
+        0.07, gt=0, description="temperature of the <EOS> InfoNCE (CLIP's start)"
     )
     log_every: int = Field(1, gt=0, description="optimizer steps per MLflow metrics batch")
     eval_every: int = Field(

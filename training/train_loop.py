@@ -62,7 +62,7 @@ from training.model_config import ModelConfig
 from training.objective import Objective, Prepared, window_scales
 from training.run_control import FencedOff, RunControl
 from training.step_log import StepLog
-from training.train_config import LOSS_TERMS, TrainConfig
+from training.train_config import LOSS_TERMS, WINDOW_TERMS, TrainConfig
 from training.validation import Validation, first_eval_samples
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,8 @@ class Trainer:
         if plan.objective == "dfm":
             vectors = {**codebooks, "text": self.model.backbone.embed_tokens.weight.detach()}
             path = build_path(path_cfg, layout, vectors if path_cfg.path == "metric" else None)
-        self.objective = Objective(self.model, plan.objective, path, path_cfg.loss)
+        align = cfg.alignment_temperature if cfg.alignment_weight > 0 else None
+        self.objective = Objective(self.model, plan.objective, path, path_cfg.loss, align)
         optimizer = torch.optim.AdamW(
             self._param_groups(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
@@ -395,28 +396,28 @@ class Trainer:
             for m, b in enumerate(batches)
         ]
         stop, fenced = self._control_flags()
-        window = [sum(p.counts.get(t, 0) for p in prepared) for t in LOSS_TERMS]
+        window = [sum(p.counts.get(t, 0) for p in prepared) for t in WINDOW_TERMS]
         head = self._all_reduce([*window, stop, fenced])
-        totals = dict(zip(LOSS_TERMS, head[: len(LOSS_TERMS)], strict=True))
+        totals = dict(zip(WINDOW_TERMS, head[: len(WINDOW_TERMS)], strict=True))
         if head[-1] > 0:
             return StepResult({}, stop=False, fenced=True)
         scales = window_scales(totals, self.world, cfg.grad_accum)
-        weights = dict(self.weighting.weights)
+        weights = {**self.weighting.weights, "align": cfg.alignment_weight}
         lr = float(self.optimizer.param_groups[0]["lr"])
-        sums, squares = dict.fromkeys(LOSS_TERMS, 0.0), dict.fromkeys(LOSS_TERMS, 0.0)
+        sums, squares = dict.fromkeys(WINDOW_TERMS, 0.0), dict.fromkeys(WINDOW_TERMS, 0.0)
         bucket_ce = {b: [0.0, 0.0] for b in self.buckets}
         for item in prepared:
             self._forward_backward(item, totals, scales, weights, sums, squares, bucket_ce)
         real = sum(b.real_tokens for b in batches)
         grid = sum(b.ids.numel() for b in batches)
         tail = self._all_reduce(
-            [sums[t] for t in LOSS_TERMS]
-            + [squares[t] for t in LOSS_TERMS]
+            [sums[t] for t in WINDOW_TERMS]
+            + [squares[t] for t in WINDOW_TERMS]
             + [v for b in self.buckets for v in bucket_ce[b]]
             + [real, grid, waited]
         )
-        n = len(LOSS_TERMS)
-        losses = {t: tail[i] for i, t in enumerate(LOSS_TERMS) if totals[t] > 0}
+        n = len(WINDOW_TERMS)
+        losses = {t: tail[i] for i, t in enumerate(WINDOW_TERMS) if totals[t] > 0}
         norms = {t: math.sqrt(tail[n + i]) for i, t in enumerate(LOSS_TERMS) if totals[t] > 0}
         if isinstance(self.weighting, GradNorm):
             self.weighting.update(losses, norms)
@@ -459,7 +460,7 @@ class Trainer:
         batch = item.batch
         terms, hidden, anchor = self.engine(
             item.inputs, batch.attention_mask, batch.instruction_lengths, item.targets,
-            item.scored, item.t,
+            item.scored, item.t, item.pairs,
         )  # fmt: skip
         loss = anchor
         for term, value in terms.items():

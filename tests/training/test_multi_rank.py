@@ -79,7 +79,7 @@ def run_ranks(folder: Path, shards: dict[str, list[str]], **train: Any) -> dict[
     run_dir = folder / "run"
     RunControl(Storage(), str(run_dir))._write(ControlState(OWNER, stop=False))
     spec = {"world": world, "port": free_port(), "out_dir": str(folder), "run_dir": str(run_dir),
-            "train": settings, "shards": shards, "weights": {"mixed": 1.0},
+            "train": settings, "shards": shards, "weights": dict.fromkeys(shards, 1.0),
             "record_gathers": True}  # fmt: skip
     (folder / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -120,6 +120,53 @@ def run_ranks(folder: Path, shards: dict[str, list[str]], **train: Any) -> dict[
         "ranks": [json.loads((folder / f"rank-{r}.json").read_text()) for r in range(world)],
         "weights": load_file(run_dir / step_name(STEPS) / MODEL_DIR / WEIGHTS_FILE),
     }
+
+
+@pytest.fixture(scope="module")
+def paired_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
+    """Bucket ``image2text``, two shards of two samples: an image alone, then its caption
+    (the first two captions alike, so the alignment term sees a duplicate positive)."""
+    folder = tmp_path_factory.mktemp("paired")
+    boi, eoi = LAYOUT.special_id("<BOI>"), LAYOUT.special_id("<EOI>")
+    paths = []
+    for shard in range(2):
+        samples = []
+        for i in range(2):
+            k = 2 * shard + i
+            caption = [20, 21] if k < 2 else [22 + k, 21]
+            tokens = np.array([BOS, boi, *[IMAGE + k] * 4, eoi, *caption, EOS], dtype=np.int32)
+            sequence = TokenSequence(
+                bucket="image2text", tokens=tokens, instruction_length=7,
+                modality=np.zeros(len(tokens), dtype=np.uint8),
+                spans=[Span("text", 0, len(tokens))],
+            )  # fmt: skip
+            samples.append(encode_sample(f"pair{k}-image2text", sequence, {"split": "train"}))
+        paths.append(folder / f"pairs-{shard}.tar")
+        paths[-1].write_bytes(write_tar(samples))
+    return {"image2text": [str(p) for p in paths]}
+
+
+def test_alignment_term_is_the_same_over_two_ranks_or_two_accumulated_micro_batches(
+    tmp_path: Path, paired_shards: dict[str, list[str]]
+) -> None:
+    """The <EOS> InfoNCE runs inside the engine's forward on every rank, counts its pairs
+    in the window like a token term, and enters train/loss at its fixed weight."""
+    two = run_ranks(tmp_path / "two", paired_shards, alignment_weight=0.5, zero_stage=2)
+    one = run_ranks(tmp_path / "one", paired_shards, alignment_weight=0.5, num_workers=1,
+                    grad_accum=2)  # fmt: skip
+    np.testing.assert_allclose(one["losses"], two["losses"], rtol=RTOL)
+    for step in range(1, STEPS + 1):
+        metrics = two["metrics"][str(step)]
+        assert metrics["train/loss_align"] == pytest.approx(
+            one["metrics"][str(step)]["train/loss_align"], rel=RTOL
+        )
+        assert 0 < metrics["train/loss_align"] < 2 * np.log(4)
+        terms = [t for t in ("ce", "rec_image", "rec_audio") if f"train/loss_{t}" in metrics]
+        balanced = sum(metrics[f"gradnorm/weight_{t}"] * metrics[f"train/loss_{t}"] for t in terms)
+        assert metrics["train/loss"] == pytest.approx(
+            balanced + 0.5 * metrics["train/loss_align"], rel=1e-6
+        )
+    assert "gradnorm/weight_align" not in two["metrics"]["1"]
 
 
 @pytest.fixture(scope="module")
