@@ -98,3 +98,18 @@ def test_the_objective_adds_the_term_on_paired_buckets_only_and_it_teaches_retri
         optimizer.step()
     assert before < 0.5
     assert recall_at_1() == 1.0
+
+
+def test_the_ar_baseline_takes_the_same_term() -> None:
+    """The AR baseline gets the term too, so DFM and AR compare on retrieval alike."""
+    model = tiny_model()
+    objective = Objective(model, "ar", None, "cross_entropy", 0.1)
+    batch = collate([image_caption(str(i), [i], [10 + i]) for i in range(3)], "image2text",
+                    PAD, None)  # fmt: skip
+    prepared = objective.prepare(batch, torch.Generator().manual_seed(0))
+    assert prepared.counts["align"] == 3
+    sums, _, _ = objective(
+        prepared.inputs, batch.attention_mask, batch.instruction_lengths,
+        prepared.targets, prepared.scored, prepared.t, prepared.pairs,
+    )  # fmt: skip
+    assert sums["align"].item() > 0 and sums["align"].requires_grad
