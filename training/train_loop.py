@@ -199,6 +199,10 @@ class Trainer:
             # and copy every gradient into a bucket for it.
             self.engine.enable_backward_allreduce = False
         self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine(None)
+        # DeepSpeed copies its zero_to_fp32.py / zero_to_torch.py into every ZeRO checkpoint;
+        # both unpickle (torch.load(weights_only=False)). The checkpoint's model/ folder is
+        # already the consolidated safetensors, so no checkpoint of ours carries them.
+        self.engine._copy_recovery_script = lambda save_path: None
         terms = [t for t in LOSS_TERMS if plan.objective == "dfm" or t == "ce"]
         initial = {t: cfg.loss_weights[t] for t in terms}
         self.weighting: GradNorm | FixedWeights = (
