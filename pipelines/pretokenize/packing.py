@@ -27,7 +27,7 @@ from collections import defaultdict
 from typing import Any
 
 from infra.storage import join
-from pipelines.pretokenize.worker import WorkerSettings
+from pipelines.pretokenize.settings import WorkerSettings
 from tokenization.token_samples import read_tar, write_tar
 
 PACKED = "_packed"

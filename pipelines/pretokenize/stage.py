@@ -44,10 +44,10 @@ from infra.ray_runtime import connect, disconnect
 from infra.storage import Storage, join
 from pipelines.corpus import absolute
 from pipelines.pretokenize.packing import PACKED, pack_tar, packing_plan
+from pipelines.pretokenize.settings import WorkerSettings
 from pipelines.pretokenize.worker import (
     STAGE,
     STAGED,
-    WorkerSettings,
     marker_uri,
     process_shard,
     read_documents,

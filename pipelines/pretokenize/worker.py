@@ -19,39 +19,25 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from infra.storage import Storage, join
+from infra.storage import join
+from pipelines.pretokenize.settings import WorkerSettings
 from pipelines.shard.documents import corpus_metadata
 from pipelines.stage_state import read_parquet
 from tokenization.audio import decode_audio
 from tokenization.bundle import Tokenizers
 from tokenization.errors import TokenizerInputError
-from tokenization.sequences import SequenceConfig, TokenizedSegment, build_sequences
+from tokenization.sequences import TokenizedSegment, build_sequences
 from tokenization.token_samples import declared_split, encode_sample, sample_key, write_tar
 from tokenization.video import read_frames
 
 STAGE = "pretokenize"
 STAGED = "_staged"
 LENGTH_BINS = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # sequence-length histogram edges
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    """What a worker needs besides the tokenizers; small and picklable."""
-
-    storage: Storage
-    shards_dir: str
-    tokens_dir: str
-    image_batch: int
-    audio_batch: int
-    samples_per_tar: int
-    eval_fraction: float
-    sequences: SequenceConfig
 
 
 def length_bin(length: int) -> str:
