@@ -249,8 +249,14 @@ class MlflowServer(LocalService):
         ]  # fmt: skip
 
     def env(self) -> dict[str, str]:
-        # Keeps mlflow from collecting usage telemetry and writing ~/.config/mlflow/.
-        return {**super().env(), "MLFLOW_DISABLE_TELEMETRY": "true"}
+        # No usage telemetry (nor ~/.config/mlflow/). No job runner: MLflow 3 otherwise starts
+        # a huey job runner with eight consumer processes beside the server (its GenAI jobs,
+        # which tracking never uses), each importing mlflow and polling while idle.
+        return {
+            **super().env(),
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        }
 
     @property
     def tracking_uri(self) -> str:
