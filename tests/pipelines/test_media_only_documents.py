@@ -15,13 +15,9 @@ from pipelines.shard import stage as shard
 from pipelines.tokenizers import stage as tokenizers_stage
 from tests import builders
 from tests.conftest import SAMPLE_CORPUS, pipeline_config
+from tests.pipelines.train_setup import QUICK_TOKENIZERS
 
 pytestmark = pytest.mark.integration
-
-QUICK = {  # tokenizer quality does not matter here, only that they exist
-    "text": {"vocab_size": 512},
-    "warmup": {"image_steps": 2, "audio_steps": 2, "image_batch": 4, "audio_batch": 2},
-}
 
 
 def test_an_img2dataset_tar_with_a_third_empty_captions_keeps_every_sample(
@@ -34,7 +30,7 @@ def test_an_img2dataset_tar_with_a_third_empty_captions_keeps_every_sample(
     media_only = builders.blank_every_third_caption(samples)
     builders.build_tar(tmp_path / "00000.tar", builders.tar_members(samples))
     inputs = [{"uri": str(tmp_path / "00000.tar"), "format": "webdataset"}]
-    config = pipeline_config(tmp_path / "ws", inputs, tokenizers=QUICK)
+    config = pipeline_config(tmp_path / "ws", inputs, tokenizers=QUICK_TOKENIZERS)
 
     report = shard.run(config)
     assert report.documents_out == len(samples) == 57 and report.quarantined == {}

@@ -13,8 +13,12 @@ from pipelines.config import PipelineConfig
 from tests.conftest import REPO, pipeline_config
 
 CORPUS = REPO / "examples" / "corpus"
-QUICK_TOKENIZERS = {  # tokenizer quality does not matter to the trainer tests
+# Tokenizer quality does not matter to the stage tests; one k-means run seeds each codebook
+# (the default best-of-4 is most of a warm-up of 2 steps: ~10 s of CPU each time).
+QUICK_TOKENIZERS = {
     "text": {"vocab_size": 512},
+    "image": {"quantizer": {"init_restarts": 1}},
+    "audio": {"quantizer": {"init_restarts": 1}},
     "warmup": {"image_steps": 2, "audio_steps": 2, "image_batch": 4, "audio_batch": 2},
 }
 TRAIN = {
