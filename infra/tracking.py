@@ -7,11 +7,14 @@ Params are the flattened stage config with secrets and URI credentials masked.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import shutil
+import sqlite3
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,50 @@ def local_store(workspace: str) -> tuple[str, str]:
     root = Path(workspace).absolute() / "mlflow"
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri()
+
+
+def seed_local_store(database: Path) -> None:
+    """Create a missing local store as a copy of an empty, migrated one.
+
+    MLflow builds a new SQLite store by running its ~60 Alembic migrations (about 4 s of CPU
+    on every first command in a workspace, and in every test workspace); it offers no
+    template, so one is built once per MLflow version under the user's cache folder and
+    copied. The template holds no experiment: MLflow adds its ``Default`` experiment (whose
+    artifact location is the store's own) when it first opens the copy. Any failure leaves
+    the store to MLflow, as before."""
+    if database.exists():
+        return
+    try:
+        template = _empty_store_template()
+        partial = database.with_name(f".{database.name}.{os.getpid()}.tmp")
+        shutil.copyfile(template, partial)
+        try:
+            os.link(partial, database)  # never over a store another process just made
+        except FileExistsError:
+            pass
+        finally:
+            partial.unlink()
+    except (OSError, sqlite3.Error):
+        return
+
+
+def _empty_store_template() -> Path:
+    """The migrated, experiment-free SQLite store of this MLflow version (built once)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "omni"
+    template = cache / f"mlflow-{importlib.metadata.version('mlflow')}-empty.db"
+    if template.is_file():
+        return template
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as scratch:
+        built = Path(scratch) / "mlflow.db"
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        store = SqlAlchemyStore(f"sqlite:///{built}", Path(scratch).as_uri())
+        store.engine.dispose()
+        with closing(sqlite3.connect(built)) as connection, connection:
+            connection.execute("DELETE FROM experiments WHERE experiment_id = 0")
+        os.replace(built, template)  # atomic: concurrent builders each publish a whole file
+    return template
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -112,6 +159,7 @@ def open_experiment(config: MlflowConfig, workspace: str) -> tuple[Any, str]:
         uri, artifacts = config.tracking_uri, None
     else:
         uri, artifacts = local_store(workspace)
+        seed_local_store(Path(uri.removeprefix("sqlite:///")))
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(config.experiment)
     if experiment is None:

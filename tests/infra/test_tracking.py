@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from pydantic import SecretStr
 
 from infra.config import Section
 from infra.services import MlflowServer
-from infra.tracking import MlflowConfig, flatten, local_store, tracked_run
+from infra.tracking import MlflowConfig, flatten, local_store, seed_local_store, tracked_run
 
 
 class Secretive(Section):
@@ -60,6 +62,36 @@ def test_a_failing_run_is_marked_failed(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError), tracked_run(config, str(tmp_path), "boom") as tracker:
         raise RuntimeError("crash")
     assert read_run(local_store(str(tmp_path))[0], tracker.run_id).info.status == "FAILED"
+
+
+def test_new_local_stores_are_copies_of_one_migrated_template(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    config = MlflowConfig(experiment="unit")
+    for workspace in ("a", "b"):
+        with tracked_run(config, str(tmp_path / workspace), "r") as tracker:
+            tracker.log_metrics({"loss": 1.0}, step=0)
+        client = MlflowClient(tracking_uri=local_store(str(tmp_path / workspace))[0])
+        assert client.get_run(tracker.run_id).data.metrics == {"loss": 1.0}
+        default = client.get_experiment("0")  # MLflow's own, added on first open
+        assert default.name == "Default"
+        assert (
+            client.get_experiment_by_name("unit").artifact_location
+            == (tmp_path / workspace / "mlflow" / "artifacts").as_uri()
+        )
+    (template,) = (tmp_path / "cache" / "omni").glob("mlflow-*-empty.db")
+    with closing(sqlite3.connect(template)) as db:
+        assert db.execute("SELECT COUNT(*) FROM experiments").fetchone() == (0,)
+        assert db.execute("SELECT COUNT(*) FROM alembic_version").fetchone() == (1,)
+    assert sorted(p.name for p in (tmp_path / "b" / "mlflow").iterdir()) == ["mlflow.db"]
+
+
+def test_an_existing_local_store_is_never_replaced(tmp_path: Path) -> None:
+    store = tmp_path / "mlflow.db"
+    store.write_bytes(b"a store another process made")
+    seed_local_store(store)
+    assert store.read_bytes() == b"a store another process made"
 
 
 @pytest.mark.integration
