@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,8 +48,10 @@ EXPECTED = {
 }
 
 
-def prepared(workspace: Path, docs: Path, **overrides: dict):
-    """A config whose shards and tokenizers are built; pretokenize is left to the test."""
+def prepared(workspace: Path, docs: Path, tokenizers_of: tuple | None = None, **overrides: dict):
+    """A config whose shards and tokenizers are built; pretokenize is left to the test.
+    ``tokenizers_of``: the module's ``sample_run``, whose tokenizers are copied instead of
+    warming up new ones."""
     config = pipeline_config(
         workspace,
         [{"uri": str(docs), "format": "jsonl", "name": "corpus", "media_root": str(CORPUS)}],
@@ -56,8 +59,18 @@ def prepared(workspace: Path, docs: Path, **overrides: dict):
         **overrides,
     )
     shard.run(config)
-    tokenizers_stage.run(config)
+    if tokenizers_of is None:
+        tokenizers_stage.run(config)
+    else:
+        use_module_tokenizers(tokenizers_of, workspace)
     return config
+
+
+def use_module_tokenizers(sample_run: tuple, workspace: Path) -> None:
+    """Copy the module run's tokenizers (the same settings, warmed up on the sample corpus)
+    into ``workspace``: the tests of pretokenize's failure handling need tokenizers, not a
+    warm-up of their own (tests/pipelines/test_tokenizers_stage.py tests that)."""
+    shutil.copytree(sample_run[2].parent / "tokenizers", workspace / "tokenizers")
 
 
 def all_keys(tokens_dir: Path) -> list[str]:
@@ -142,7 +155,7 @@ def test_rerun_is_skipped(sample_run: tuple) -> None:
     assert again.skipped and again.buckets == report.buckets
 
 
-def test_media_the_tokenizers_refuse_are_quarantined(ray_cluster: None, tmp_path: Path) -> None:
+def test_media_the_tokenizers_refuse_are_quarantined(sample_run: tuple, tmp_path: Path) -> None:
     from PIL import Image
 
     media = tmp_path / "media"
@@ -174,17 +187,7 @@ def test_media_the_tokenizers_refuse_are_quarantined(ray_cluster: None, tmp_path
         tmp_path / "ws", [{"uri": str(docs), "format": "jsonl"}], tokenizers=QUICK_TOKENIZERS
     )
     shard.run(config)
-    # the warm-up needs real media to train on: add the sample corpus as a second input
-    config = pipeline_config(
-        tmp_path / "ws",
-        [
-            {"uri": str(docs), "format": "jsonl"},
-            {"uri": str(CORPUS / "docs.jsonl"), "format": "jsonl"},
-        ],
-        tokenizers=QUICK_TOKENIZERS,
-    )
-    shard.run(config)
-    tokenizers_stage.run(config)
+    use_module_tokenizers(sample_run, tmp_path / "ws")
     report = pretokenize.run(config)
     assert report.quarantined == {"audio_rejected": 1, "image_rejected": 1}
     rows = pq.read_table(tmp_path / "ws" / "tokens" / "quarantine.parquet").to_pylist()
@@ -193,7 +196,7 @@ def test_media_the_tokenizers_refuse_are_quarantined(ray_cluster: None, tmp_path
         "silent": "audio_rejected",
     }
     assert all(r["stage"] == "pretokenize" and r["detail"] for r in rows)
-    assert report.buckets["text"]["samples"] == 301  # 300 glosses + "just text"
+    assert {b: c["samples"] for b, c in report.buckets.items()} == {"text": 1}  # "just text"
 
 
 def replicated(tmp_path: Path, copies: int) -> Path:
@@ -207,7 +210,7 @@ def test_a_killed_actor_is_restarted_and_nothing_is_lost_or_doubled(
     sample_run: tuple, tmp_path: Path
 ) -> None:
     docs = replicated(tmp_path, 2)
-    killed = prepared(tmp_path / "killed", docs, shard={"target_tokens": 3000})
+    killed = prepared(tmp_path / "killed", docs, sample_run, shard={"target_tokens": 3000})
     markers = tmp_path / "killed" / "tokens" / "_done"
     outcome: dict = {}
     worker = threading.Thread(target=lambda: outcome.update(report=pretokenize.run(killed)))
@@ -235,9 +238,11 @@ def test_a_killed_actor_is_restarted_and_nothing_is_lost_or_doubled(
     assert samples_by_document(tmp_path / "killed" / "tokens") == copies
 
 
-def test_a_killed_job_resumes_without_losing_or_doubling(ray_cluster: None, tmp_path: Path) -> None:
+def test_a_killed_job_resumes_without_losing_or_doubling(sample_run: tuple, tmp_path: Path) -> None:
     docs = replicated(tmp_path, 2)
-    config = prepared(tmp_path / "ws", docs, shard={"target_tokens": 3000}, ray={"num_cpus": 1})
+    config = prepared(
+        tmp_path / "ws", docs, sample_run, shard={"target_tokens": 3000}, ray={"num_cpus": 1}
+    )
     config_path = tmp_path / "config.json"
     config_path.write_text(config.model_dump_json())
     markers = tmp_path / "ws" / "tokens" / "_done"
@@ -266,7 +271,7 @@ def test_a_killed_job_resumes_without_losing_or_doubling(ray_cluster: None, tmp_
 
 
 def test_a_medium_that_crashes_its_decoder_is_quarantined_alone(
-    ray_cluster: None, tmp_path: Path
+    sample_run: tuple, tmp_path: Path
 ) -> None:
     """An image whose decoding aborts the process (like a native segfault) on every try:
     the shard still finishes, that document alone is quarantined, every other sample is
@@ -286,7 +291,7 @@ def test_a_medium_that_crashes_its_decoder_is_quarantined_alone(
         tmp_path / "ws", inputs, tokenizers=QUICK_TOKENIZERS, pretokenize={"max_restarts": 1}
     )
     shard.run(config)
-    tokenizers_stage.run(config)
+    use_module_tokenizers(sample_run, tmp_path / "ws")
     config_path = tmp_path / "config.json"
     config_path.write_text(config.model_dump_json())
     hook = {"worker_process_setup_hook": "tests.pipelines.crash_hook.install"}
@@ -305,8 +310,6 @@ def test_actors_request_a_gpu_when_the_cluster_has_one(sample_run: tuple, tmp_pa
     config, _, tokens = sample_run
     config_path = tmp_path / "config.json"
     workspace = tmp_path / "ws"
-    import shutil
-
     shutil.copytree(tokens.parent / "shards", workspace / "shards")
     shutil.copytree(tokens.parent / "tokenizers", workspace / "tokenizers")
     data = json.loads(config.model_dump_json())
