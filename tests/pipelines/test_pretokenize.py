@@ -28,7 +28,7 @@ from pipelines.tokenizers import stage as tokenizers_stage
 from tests import builders
 from tests.conftest import pipeline_config, run_stage_in_own_ray, upload_folder
 from tests.pipelines.crash_hook import POISON
-from tests.pipelines.train_setup import QUICK_TOKENIZERS
+from tests.pipelines.train_setup import QUICK_TOKENIZERS, use_tokenizers
 from tokenization.token_samples import read_token_samples
 from tokenization.vocab import VocabLayout
 
@@ -48,10 +48,10 @@ EXPECTED = {
 }
 
 
-def prepared(workspace: Path, docs: Path, tokenizers_of: tuple | None = None, **overrides: dict):
+def prepared(workspace: Path, docs: Path, tokenizers_from: Path | None = None, **overrides: dict):
     """A config whose shards and tokenizers are built; pretokenize is left to the test.
-    ``tokenizers_of``: the module's ``sample_run``, whose tokenizers are copied instead of
-    warming up new ones."""
+    ``tokenizers_from``: a workspace whose tokenizers are copied instead of warming up new
+    ones (the session's ``tokens_workspace``: the same settings and corpus)."""
     config = pipeline_config(
         workspace,
         [{"uri": str(docs), "format": "jsonl", "name": "corpus", "media_root": str(CORPUS)}],
@@ -59,18 +59,11 @@ def prepared(workspace: Path, docs: Path, tokenizers_of: tuple | None = None, **
         **overrides,
     )
     shard.run(config)
-    if tokenizers_of is None:
+    if tokenizers_from is None:
         tokenizers_stage.run(config)
     else:
-        use_module_tokenizers(tokenizers_of, workspace)
+        use_tokenizers(tokenizers_from, workspace)
     return config
-
-
-def use_module_tokenizers(sample_run: tuple, workspace: Path) -> None:
-    """Copy the module run's tokenizers (the same settings, warmed up on the sample corpus)
-    into ``workspace``: the tests of pretokenize's failure handling need tokenizers, not a
-    warm-up of their own (tests/pipelines/test_tokenizers_stage.py tests that)."""
-    shutil.copytree(sample_run[2].parent / "tokenizers", workspace / "tokenizers")
 
 
 def all_keys(tokens_dir: Path) -> list[str]:
@@ -91,9 +84,9 @@ def samples_by_document(tokens_dir: Path) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def sample_run(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None) -> tuple:
+def sample_run(tmp_path_factory: pytest.TempPathFactory, tokens_workspace: Path) -> tuple:
     workspace = tmp_path_factory.mktemp("pretokenize")
-    config = prepared(workspace, CORPUS / "docs.jsonl")
+    config = prepared(workspace, CORPUS / "docs.jsonl", tokens_workspace)
     return config, pretokenize.run(config), workspace / "tokens"
 
 
@@ -155,7 +148,9 @@ def test_rerun_is_skipped(sample_run: tuple) -> None:
     assert again.skipped and again.buckets == report.buckets
 
 
-def test_media_the_tokenizers_refuse_are_quarantined(sample_run: tuple, tmp_path: Path) -> None:
+def test_media_the_tokenizers_refuse_are_quarantined(
+    tokens_workspace: Path, tmp_path: Path
+) -> None:
     from PIL import Image
 
     media = tmp_path / "media"
@@ -187,7 +182,7 @@ def test_media_the_tokenizers_refuse_are_quarantined(sample_run: tuple, tmp_path
         tmp_path / "ws", [{"uri": str(docs), "format": "jsonl"}], tokenizers=QUICK_TOKENIZERS
     )
     shard.run(config)
-    use_module_tokenizers(sample_run, tmp_path / "ws")
+    use_tokenizers(tokens_workspace, tmp_path / "ws")
     report = pretokenize.run(config)
     assert report.quarantined == {"audio_rejected": 1, "image_rejected": 1}
     rows = pq.read_table(tmp_path / "ws" / "tokens" / "quarantine.parquet").to_pylist()
@@ -207,10 +202,10 @@ def replicated(tmp_path: Path, copies: int) -> Path:
 
 
 def test_a_killed_actor_is_restarted_and_nothing_is_lost_or_doubled(
-    sample_run: tuple, tmp_path: Path
+    sample_run: tuple, tokens_workspace: Path, tmp_path: Path
 ) -> None:
     docs = replicated(tmp_path, 2)
-    killed = prepared(tmp_path / "killed", docs, sample_run, shard={"target_tokens": 3000})
+    killed = prepared(tmp_path / "killed", docs, tokens_workspace, shard={"target_tokens": 3000})
     markers = tmp_path / "killed" / "tokens" / "_done"
     outcome: dict = {}
     worker = threading.Thread(target=lambda: outcome.update(report=pretokenize.run(killed)))
@@ -238,10 +233,12 @@ def test_a_killed_actor_is_restarted_and_nothing_is_lost_or_doubled(
     assert samples_by_document(tmp_path / "killed" / "tokens") == copies
 
 
-def test_a_killed_job_resumes_without_losing_or_doubling(sample_run: tuple, tmp_path: Path) -> None:
+def test_a_killed_job_resumes_without_losing_or_doubling(
+    tokens_workspace: Path, tmp_path: Path
+) -> None:
     docs = replicated(tmp_path, 2)
     config = prepared(
-        tmp_path / "ws", docs, sample_run, shard={"target_tokens": 3000}, ray={"num_cpus": 1}
+        tmp_path / "ws", docs, tokens_workspace, shard={"target_tokens": 3000}, ray={"num_cpus": 1}
     )
     config_path = tmp_path / "config.json"
     config_path.write_text(config.model_dump_json())
@@ -271,7 +268,7 @@ def test_a_killed_job_resumes_without_losing_or_doubling(sample_run: tuple, tmp_
 
 
 def test_a_medium_that_crashes_its_decoder_is_quarantined_alone(
-    sample_run: tuple, tmp_path: Path
+    tokens_workspace: Path, tmp_path: Path
 ) -> None:
     """An image whose decoding aborts the process (like a native segfault) on every try:
     the shard still finishes, that document alone is quarantined, every other sample is
@@ -291,7 +288,7 @@ def test_a_medium_that_crashes_its_decoder_is_quarantined_alone(
         tmp_path / "ws", inputs, tokenizers=QUICK_TOKENIZERS, pretokenize={"max_restarts": 1}
     )
     shard.run(config)
-    use_module_tokenizers(sample_run, tmp_path / "ws")
+    use_tokenizers(tokens_workspace, tmp_path / "ws")
     config_path = tmp_path / "config.json"
     config_path.write_text(config.model_dump_json())
     hook = {"worker_process_setup_hook": "tests.pipelines.crash_hook.install"}

@@ -91,7 +91,7 @@ def stop_before_packing(*args: object) -> list:
 @pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_many_small_shards_make_few_full_tars_exactly_once_across_a_kill(
-    ray_cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tokens_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Tokenize every shard (the stage stopped before packing), then SIGKILL a rerun of
     the stage while it packs, then run it again: every sample once, in
@@ -101,6 +101,7 @@ def test_many_small_shards_make_few_full_tars_exactly_once_across_a_kill(
     config = prepared(
         tmp_path / "ws",
         replicated(tmp_path, 1),
+        tokens_workspace,
         shard={"target_tokens": 1000},
         pretokenize={"samples_per_tar": per_tar},
     )

@@ -61,6 +61,12 @@ def copy_workspace(source: Path, target: Path) -> Path:
     return target
 
 
+def use_tokenizers(source: Path, workspace: Path) -> None:
+    """Copy ``source``'s tokenizers into ``workspace``: the stage tests after the warm-up
+    need tokenizers, not a warm-up of their own (test_tokenizers_stage.py tests that)."""
+    shutil.copytree(source / "tokenizers", workspace / "tokenizers")
+
+
 def train_workers(session_leader: int) -> list[psutil.Process]:
     """Ray Train worker processes started by the driver whose session is ``session_leader``."""
     found = []
