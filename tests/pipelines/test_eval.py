@@ -105,6 +105,30 @@ def test_a_sweep_evaluates_every_checkpoint_once_in_step_order(trained: Trained)
     assert again.report_run_id is None and again.plot_path == report.plot_path
 
 
+def test_compare_tables_each_metric_with_a_chance_level_over_the_seeds(
+    trained: Trained,
+) -> None:
+    eval_stage.sweep(trained.config, EXPERIMENT)  # the default suite's (done once, above)
+    report = eval_stage.compare(trained.config, trained.run_ids, ["default"])
+    [row] = report.rows  # the runs differ in their seed alone: one variant
+    assert (row["variant"], row["runs"]) == ("all runs", 2)
+    last = [
+        next(c.data.metrics for c in children(trained, "default")
+             if c.data.tags["mlflow.parentRunId"] == run_id
+             and c.data.tags["eval.checkpoint_step"] == "4")
+        for run_id in trained.run_ids
+    ]  # fmt: skip
+    assert row["metrics"] and all(name.startswith("retrieval/") for name in row["metrics"])
+    for name, (mean, spread, chance) in row["metrics"].items():
+        values = [metrics[name] for metrics in last]
+        assert mean == pytest.approx(np.mean(values))
+        assert spread == pytest.approx(np.std(values, ddof=1))
+        assert chance == last[0][name.removesuffix("/r1") + "/chance_r1"]
+        assert f"| {name} | {chance:.3f} | {mean:.3f} ± {spread:.3f} |" in report.table_markdown
+    saved = {a.path for a in trained.client.list_artifacts(report.run_id)}
+    assert saved == {"compare.md", "compare.json"}
+
+
 def test_two_concurrent_sweeps_evaluate_each_checkpoint_once(trained: Trained) -> None:
     command = [sys.executable, "-m", "pipelines.cli", "sweep", "--config",
                str(trained.config_path), "--experiment", EXPERIMENT, "--once",

@@ -7,9 +7,9 @@ baseline. Understanding only: this probe has no media responses, so the reconstr
 terms and generation are not compared here (``configs/ablation/`` runs those through
 ``omni eval compare`` on a workspace).
 
-    python benchmarks/paradigm_ablation_digits.py [--steps 300] [--seeds 0 1 2]
+    python benchmarks/paradigm_probe_digits.py [--steps 300] [--seeds 0 1 2]
 
-Writes ``benchmarks/results/paradigm_ablation_digits.md`` and ``.json``.
+Writes ``benchmarks/results/paradigm_probe_digits.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def main() -> None:
     print(table)
     dfm, ar = summary["dfm"], summary["ar"]
     result = {
-        "name": "paradigm_ablation_digits",
+        "name": "paradigm_probe_digits",
         "value": dfm["mean"],
         "baseline": ar["mean"],
         "ratio": round(dfm["mean"] / ar["mean"], 3) if ar["mean"] else None,
@@ -66,8 +66,8 @@ def main() -> None:
         "seeds": args.seeds,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "paradigm_ablation_digits.md").write_text(table)
-    (RESULTS / "paradigm_ablation_digits.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / "paradigm_probe_digits.md").write_text(table)
+    (RESULTS / "paradigm_probe_digits.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
