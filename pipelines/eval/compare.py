@@ -131,20 +131,22 @@ def compare_markdown(rows: list[dict[str, Any]]) -> str:
     """| variant | seeds | understanding | generation | retrieval | average | (mean +- sd)."""
     header = ["variant", "seeds", *(c.split("/")[1] for c in SCORES)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
+    for number, row in enumerate(rows, 1):
         cells = [f"{row[c][0]:.3f} ± {row[c][1]:.3f}" if c in row else "-" for c in SCORES]
-        lines.append("| " + " | ".join([row["variant"], str(row["runs"]), *cells]) + " |")
+        variant = f"({number}) {row['variant']}"
+        lines.append("| " + " | ".join([variant, str(row["runs"]), *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 
 def metrics_markdown(rows: list[dict[str, Any]]) -> str:
     """| metric | chance | one column per variant (mean +- sd) |, for the metrics that have
-    a chance level; empty when no run logged one."""
+    a chance level, the variants numbered as in ``compare_markdown``; empty when no run
+    logged one."""
     names = sorted({name for row in rows for name in row.get("metrics", {})})
     if not names:
         return ""
-    lines = ["", "| metric | chance | " + " | ".join(r["variant"] for r in rows) + " |",
-             "|" + "---|" * (2 + len(rows))]  # fmt: skip
+    numbers = " | ".join(f"({n})" for n in range(1, len(rows) + 1))
+    lines = ["", f"| metric | chance | {numbers} |", "|" + "---|" * (2 + len(rows))]
     for name in names:
         chance = next(r["metrics"][name][2] for r in rows if name in r["metrics"])
         cells = [
