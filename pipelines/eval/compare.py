@@ -51,9 +51,10 @@ def chance_metrics(metrics: dict[str, float]) -> dict[str, tuple[float, float]]:
     found = {}
     for name, value in metrics.items():
         for suffix, chance_suffix in CHANCE_OF.items():
-            chance = metrics.get(name.removesuffix(suffix) + chance_suffix)
-            if name.endswith(suffix) and chance is not None:
-                found[name] = (value, chance)
+            if name.endswith(suffix):
+                chance = metrics.get(name.removesuffix(suffix) + chance_suffix)
+                if chance is not None:
+                    found[name] = (value, chance)
     return found
 
 

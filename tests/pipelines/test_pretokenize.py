@@ -308,7 +308,7 @@ def test_actors_request_a_gpu_when_the_cluster_has_one(sample_run: tuple, tmp_pa
     config_path = tmp_path / "config.json"
     workspace = tmp_path / "ws"
     shutil.copytree(tokens.parent / "shards", workspace / "shards")
-    shutil.copytree(tokens.parent / "tokenizers", workspace / "tokenizers")
+    use_tokenizers(tokens.parent, workspace)
     data = json.loads(config.model_dump_json())
     data["workspace"] = str(workspace)
     data["pretokenize"]["actors"] = 1
